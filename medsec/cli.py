@@ -1,0 +1,43 @@
+"""`medsec <verb> [hydra overrides]`: one console command, one small Hydra app per verb."""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("medsec.train", "train a task (default: the synthetic demo) and test its best checkpoint"),
+    "eval": ("medsec.eval", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
+}
+
+USAGE = """usage: medsec <verb> [hydra overrides ...]
+
+verbs:
+{verbs}
+
+Each verb is a Hydra app: `medsec <verb> --help` shows its config groups and options,
+`medsec <verb> -m key=a,b` runs a sweep. Examples:
+  medsec train
+  medsec train experiment=pneumoniamnist_resnet18 trainer.max_epochs=3
+  medsec eval ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
+"""
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    return USAGE.format(verbs="\n".join(f"  {v:<{width}}  {help_}" for v, (_, help_) in VERBS.items()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, overrides = args[0], args[1:]
+    if verb not in VERBS:
+        print(f"medsec: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    sys.argv = [f"medsec {verb}", *overrides]  # Hydra reads its overrides from sys.argv
+    module.main()
+    return 0

@@ -1,0 +1,5 @@
+"""Data sources (read files) and the DataModule (split, transform, batch)."""
+from medsec.data.datamodule import MedicalDataModule
+from medsec.data.sources.base import DataSource, SourceData
+
+__all__ = ["DataSource", "MedicalDataModule", "SourceData"]

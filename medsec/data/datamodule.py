@@ -1,0 +1,148 @@
+"""MedicalDataModule: one LightningDataModule for every source, built on MONAI datasets."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+from monai.data import CacheDataset, Dataset
+from torch.utils.data import DataLoader
+
+from medsec.data.sources.base import SPLITS, DataSource, Record, SourceData
+from medsec.data.transforms import classification_transforms
+from medsec.errors import ConfigError
+
+PAYLOAD_KEYS = ("image", "label")
+
+
+class MedicalDataModule(L.LightningDataModule):
+    """Split, transform and batch the records of a :class:`DataSource`.
+
+    Args:
+        source: the data source (synthetic, medmnist, chestxray14, folder, ...).
+        batch_size: the *global* batch size; divided by the number of DDP processes.
+        num_workers: DataLoader worker processes.
+        in_channels: channels the network expects (1 or 3); images are converted.
+        image_size: resize to this edge length; ``None`` keeps the source size.
+        augment: random flips and small affine transforms on the training split.
+        cache: keep the deterministic part of the pipeline in memory (MONAI ``CacheDataset``;
+            nothing is written to disk).
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        in_channels: int = 1,
+        image_size: int | None = None,
+        augment: bool = True,
+        cache: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
+        self.source = source
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.augment = augment
+        self.cache = cache
+        self.pin_memory = pin_memory
+        self._data: SourceData | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def data(self) -> SourceData:
+        """The source's records, read once."""
+        if self._data is None:
+            self._data = self.source.load()
+        return self._data
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.data.multilabel
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.data.spatial_dims
+
+    def class_counts(self) -> list[int] | None:
+        """Training examples per class (multi-class data), e.g. for balanced class weights."""
+        if self.multilabel:
+            return None
+        labels = np.asarray([int(r["label"]) for r in self.data.splits["train"]])
+        return np.bincount(labels, minlength=self.num_classes).tolist()
+
+    def task_info(self) -> dict[str, Any]:
+        """What a task needs to know about the data to build its network, loss and metrics."""
+        return {
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "multilabel": self.multilabel,
+            "in_channels": self.in_channels,
+            "spatial_dims": self.spatial_dims,
+            "class_counts": self.class_counts(),
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self._build(split, self.data.splits[split])
+
+    def _build(self, split: str, records: list[Record]) -> Dataset:
+        transform = classification_transforms(
+            train=split == "train",
+            from_files=self.data.from_files,
+            in_channels=self.in_channels,
+            spatial_dims=self.data.spatial_dims,
+            image_size=self.image_size,
+            augment=self.augment,
+            multilabel=self.data.multilabel,
+        )
+        payload = [{k: r[k] for k in PAYLOAD_KEYS} | {"id": r.get("id", str(i))} for i, r in enumerate(records)]
+        if self.cache:
+            return CacheDataset(payload, transform, progress=False, num_workers=0)
+        return Dataset(payload, transform)
+
+    def _per_device_batch(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ConfigError(f"data.batch_size={self.batch_size} is not divisible by the {world} DDP processes")
+        return self.batch_size // world
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup(None)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self._per_device_batch(),
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

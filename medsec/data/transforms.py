@@ -1,0 +1,141 @@
+"""Named MONAI transform pipelines, plus the few small transforms MONAI does not have."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import NibabelReader, PILReader, PydicomReader
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    LoadImage,
+    MapTransform,
+    RandAffined,
+    RandFlipd,
+    Resized,
+)
+
+from medsec.errors import DataError
+
+KeysT = str | Sequence[str]
+
+
+class LoadImageNamed(MapTransform):
+    """Read ``keys`` from files with MONAI's ``LoadImage`` (PIL, pydicom, nibabel readers).
+
+    A file that cannot be read (missing, truncated, unknown format) raises :class:`DataError`
+    naming the file, instead of a bare reader exception deep inside a worker. 2D PNG/JPEG and
+    DICOM images are read in (row, column) order, as they are displayed.
+    """
+
+    def __init__(self, keys: KeysT) -> None:
+        super().__init__(keys)
+        with warnings.catch_warnings():  # LoadImage probes every reader, GPU DICOM decoder included
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            self.loaders = self._make_loaders()
+
+    @staticmethod
+    def _make_loaders() -> dict[tuple[str, ...], LoadImage]:
+        return {
+            (".png", ".jpg", ".jpeg", ".bmp"): LoadImage(image_only=True, ensure_channel_first=True,
+                                                         reader=PILReader(reverse_indexing=False)),
+            (".dcm", ".dicom"): LoadImage(image_only=True, ensure_channel_first=True,
+                                          reader=PydicomReader(swap_ij=False)),
+            (".nii", ".nii.gz"): LoadImage(image_only=True, ensure_channel_first=True, reader=NibabelReader()),
+        }
+
+    def _read(self, path: str) -> torch.Tensor:
+        name = str(path).lower()
+        loader = next((ld for suffixes, ld in self.loaders.items() if name.endswith(suffixes)), None)
+        if loader is None:
+            raise DataError(f"cannot read image file {path}: unsupported type (use PNG, JPEG, DICOM or NIfTI)")
+        try:
+            return loader(path)
+        except Exception as err:  # readers raise many types; all mean "cannot read this file"
+            raise DataError(f"cannot read image file {path}: {type(err).__name__}: {err}") from err
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._read(d[key])
+        return d
+
+
+class ScaleToUnitd(MapTransform):
+    """Bring intensities to [0, 1]: 8-bit data divided by 255, anything else min-max scaled."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            source_dtype = img.dtype
+            img = torch.as_tensor(img).float()
+            if source_dtype in (np.uint8, torch.uint8):
+                img = img / 255.0
+            else:
+                lo, hi = img.min(), img.max()
+                img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
+            d[key] = img
+        return d
+
+
+class ToChannelsd(MapTransform):
+    """Make images have ``channels`` channels: RGB(A) -> grey by averaging, grey -> RGB by repeating."""
+
+    def __init__(self, keys: KeysT, channels: int) -> None:
+        super().__init__(keys)
+        if channels not in (1, 3):
+            raise DataError(f"in_channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            have = img.shape[0]
+            if have == self.channels:
+                continue
+            if self.channels == 1 and have in (3, 4):
+                d[key] = img[:3].mean(0, keepdim=True)
+            elif self.channels == 3 and have == 1:
+                d[key] = img.repeat(3, *([1] * (img.ndim - 1)))
+            else:
+                raise DataError(f"cannot turn a {have}-channel image into {self.channels} channels ({d.get('id', key)})")
+        return d
+
+
+def classification_transforms(
+    *,
+    train: bool,
+    from_files: bool,
+    in_channels: int,
+    spatial_dims: int,
+    image_size: int | None = None,
+    augment: bool = True,
+    multilabel: bool = False,
+) -> Compose:
+    """The classification pipeline: read, scale to [0, 1], fix channels, resize, augment, type.
+
+    MONAI's ``CacheDataset`` caches everything before the first random transform, so only the
+    augmentation runs every epoch. Output: ``image`` float32 in [0, 1] with ``in_channels``
+    channels and ``label`` int64 (multi-class) or float32 (multi-label, -1 = unknown).
+    """
+    steps: list = [LoadImageNamed("image")] if from_files else []
+    steps += [ScaleToUnitd("image"), ToChannelsd("image", in_channels)]
+    if image_size:
+        steps.append(Resized("image", spatial_size=(image_size,) * spatial_dims, mode="area"))
+    if train and augment:
+        steps += [
+            RandFlipd("image", prob=0.5, spatial_axis=spatial_dims - 1),
+            RandAffined("image", prob=0.5, rotate_range=[0.1] * (1 if spatial_dims == 2 else 3),
+                        scale_range=[0.1] * spatial_dims, padding_mode="zeros"),
+        ]
+    label_dtype = torch.float32 if multilabel else torch.int64
+    steps += [
+        EnsureTyped("image", dtype=torch.float32, track_meta=False),
+        EnsureTyped("label", dtype=label_dtype, track_meta=False),
+    ]
+    return Compose(steps)

@@ -1,0 +1,83 @@
+"""`medsec eval ckpt_path=...`: test a checkpoint and write ``metrics.json`` and plots.
+
+The data set is the one the checkpoint was trained on (stored in it by ``medsec train``) unless
+a ``data=...`` override names another one.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from medsec.errors import ConfigError
+from medsec.utils.callbacks import CHECKPOINT_KEY
+from medsec.utils.config import CONFIG_DIR, register_resolvers
+from medsec.utils.ddp import install_job_command
+from medsec.utils.run import collect_metrics, instantiate_list, save_resolved_config, user_errors_exit, write_json
+
+log = logging.getLogger("medsec.eval")
+
+
+def read_run_info(ckpt_path: str | Path) -> dict[str, Any]:
+    """The run information ``medsec train`` stored in a checkpoint."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or CHECKPOINT_KEY not in payload:
+        raise ConfigError(f"ckpt_path: {path} was not written by `medsec train` (no '{CHECKPOINT_KEY}' entry)")
+    return payload[CHECKPOINT_KEY]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float | None]:
+    """Test ``cfg.ckpt_path`` and return the metrics written to ``metrics.json``."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    save_resolved_config(cfg, out_dir)
+    info = read_run_info(cfg.ckpt_path)
+    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(info["data"])
+    datamodule = instantiate(data_cfg)
+    task = get_class(info["task_target"]).load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    if list(datamodule.class_names) != list(task.class_names):
+        raise ConfigError(
+            f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
+            "fine-tune with `medsec train model.init_from=...` to change the class set")
+    install_job_command()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
+                                     logger=instantiate_list(cfg.get("logger")))
+    trainer.test(task, datamodule=datamodule)
+    metrics = collect_metrics(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", metrics)
+        if getattr(task, "test_curves", None):
+            from medsec.viz import save_classification_plots
+
+            save_classification_plots(task.test_curves, out_dir)
+        log.info("results in %s", out_dir)
+    return metrics
+
+
+@user_errors_exit
+def run(cfg: DictConfig) -> dict[str, float | None]:
+    return evaluate(cfg)
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

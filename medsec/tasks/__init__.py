@@ -1,0 +1,5 @@
+"""LightningModules, one per problem. They know nothing of file formats."""
+from medsec.tasks.base import BaseTask
+from medsec.tasks.classification import ClassificationTask
+
+__all__ = ["BaseTask", "ClassificationTask"]

@@ -1,0 +1,101 @@
+"""The base every task stands on: model/loss/metric hooks, optimisers, fine-tuning."""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from medsec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class BaseTask(L.LightningModule, ABC):
+    """Owns ``self.net`` plus losses and metrics, built by the three ``configure_*`` hooks.
+
+    ``model`` is the Hydra ``model`` config (``net`` with ``_target_`` and arguments, plus
+    ``pretrained``, ``init_from`` and ``freeze_backbone``); ``optimizer`` and ``scheduler`` are
+    ``_partial_`` configs. All are stored as hyper-parameters, so ``load_from_checkpoint`` rebuilds
+    the task without any config file.
+    """
+
+    net: nn.Module
+
+    def __init__(self, model: Mapping[str, Any], optimizer: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # includes the subclass's arguments
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    @abstractmethod
+    def configure_models(self) -> None:
+        """Build ``self.net`` from ``self.hparams.model``."""
+
+    @abstractmethod
+    def configure_losses(self) -> None:
+        """Build the loss function(s)."""
+
+    @abstractmethod
+    def configure_metrics(self) -> None:
+        """Build torchmetrics objects, one set per stage."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def initialize_weights(self) -> None:
+        """Load ``model.pretrained`` / ``model.init_from`` and apply ``model.freeze_backbone``.
+
+        Called by ``medsec train`` before fitting, never by ``load_from_checkpoint``, so a
+        checkpoint does not depend on the files it was initialised from.
+        """
+        cfg = self.hparams.model
+        if cfg.get("pretrained"):
+            from medsec.models.classifiers import load_backbone_weights
+
+            skipped = load_backbone_weights(self.net, cfg["pretrained"])
+            log.info("loaded pretrained backbone from %s (skipped %d keys)", cfg["pretrained"], len(skipped))
+        if cfg.get("init_from"):
+            self.load_weights_from(cfg["init_from"])
+        if cfg.get("freeze_backbone"):
+            backbone = getattr(self.net, "backbone", None)
+            if backbone is None:
+                raise ConfigError("model.freeze_backbone: this network has no separate backbone")
+            backbone.requires_grad_(False)
+            log.info("backbone frozen: only the head is trained")
+
+    def load_weights_from(self, path: str | Path) -> list[str]:
+        """Copy matching weights from a checkpoint (or state dict); layers whose shape differs
+        (a new class set's head) keep their fresh initialisation. Returns the replaced keys."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.init_from: checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        own = self.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        replaced = sorted(k for k in own if k not in fitting)
+        if not fitting:
+            raise ConfigError(f"model.init_from: no weights in {path} fit this model")
+        self.load_state_dict(fitting, strict=False)
+        log.info("initialised from %s; freshly initialised: %s", path, ", ".join(replaced) or "nothing")
+        return replaced
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.model.get("freeze_backbone"):
+            self.net.backbone.eval()  # keep frozen batch-norm statistics
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(self.hparams.optimizer)(params=params)
+        if not self.hparams.get("scheduler"):
+            return {"optimizer": optimizer}
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,201 @@
+"""CheXNet-style classification: multi-class (cross-entropy) and multi-label (masked BCE)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassROC,
+    MulticlassStatScores,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelConfusionMatrix,
+    MultilabelF1Score,
+    MultilabelROC,
+    MultilabelStatScores,
+)
+
+from medsec.errors import ConfigError
+from medsec.tasks.base import BaseTask
+
+UNKNOWN = -1
+"""Multi-label target value for a finding that was not assessed: masked in loss and metrics."""
+
+
+class ClassificationTask(BaseTask):
+    """Classify images into ``class_names`` (one class each, or any subset when ``multilabel``).
+
+    Logs ``{train,val,test}/loss``, ``/acc``, ``/f1``, ``/auroc`` (macro over classes that have
+    both positives and negatives in the split), ``val/auroc_best``, ``val/acc_best`` and, on test,
+    ``test/auroc_<class>`` per class. ``test_curves`` holds ROC curves and the confusion matrix for
+    plotting after ``trainer.test``.
+
+    Args:
+        model: the ``model`` config (``net`` plus fine-tuning options).
+        num_classes, class_names, multilabel, in_channels, spatial_dims: from the data module.
+        optimizer, scheduler: ``_partial_`` configs.
+        class_weights: ``None``, ``"balanced"`` (inverse train frequency, multi-class only) or a list.
+        class_counts: training examples per class (for ``"balanced"``).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        num_classes: int,
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        multilabel: bool = False,
+        in_channels: int = 1,
+        spatial_dims: int = 2,
+        class_weights: str | Sequence[float] | None = None,
+        class_counts: Sequence[int] | None = None,
+    ) -> None:
+        if num_classes < (1 if multilabel else 2):
+            raise ConfigError(f"classification needs at least 2 classes (or 1 finding), got {num_classes}")
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ConfigError(f"{len(self.class_names)} class names for {num_classes} classes")
+        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler)
+        self.test_curves: dict[str, Any] = {}
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        if "net" not in hp.model:
+            raise ConfigError("model.net is missing: the model config must say which network to build")
+        self.net = instantiate(hp.model["net"], num_classes=hp.num_classes, in_channels=hp.in_channels,
+                               spatial_dims=hp.spatial_dims)
+
+    def configure_losses(self) -> None:
+        weights = self.hparams.class_weights
+        if weights == "balanced":
+            counts = self.hparams.class_counts
+            if not counts or self.hparams.multilabel:
+                raise ConfigError("task.class_weights=balanced needs multi-class data with class counts")
+            counts_t = torch.as_tensor(counts, dtype=torch.float32).clamp(min=1)
+            weights = counts_t.sum() / (len(counts_t) * counts_t)
+        elif weights is not None:
+            weights = torch.as_tensor(list(weights), dtype=torch.float32)
+            if len(weights) != self.hparams.num_classes:
+                raise ConfigError(f"task.class_weights has {len(weights)} entries for {self.hparams.num_classes} classes")
+        self.register_buffer("class_weight", weights if weights is not None else None)
+
+    def configure_metrics(self) -> None:
+        n, ml = self.hparams.num_classes, self.hparams.multilabel
+        if ml:
+            def summary() -> MetricCollection:
+                return MetricCollection({
+                    "acc": MultilabelAccuracy(n, ignore_index=UNKNOWN),
+                    "f1": MultilabelF1Score(n, ignore_index=UNKNOWN),
+                    "auroc_per_class": MultilabelAUROC(n, average=None, ignore_index=UNKNOWN),
+                    "support": MultilabelStatScores(n, average=None, ignore_index=UNKNOWN),
+                })
+            self.test_roc = MultilabelROC(n, ignore_index=UNKNOWN)
+            self.test_confmat = MultilabelConfusionMatrix(n, ignore_index=UNKNOWN)
+        else:
+            def summary() -> MetricCollection:
+                return MetricCollection({
+                    "acc": MulticlassAccuracy(n, average="micro"),
+                    "f1": MulticlassF1Score(n, average="macro"),
+                    "auroc_per_class": MulticlassAUROC(n, average=None),
+                    "support": MulticlassStatScores(n, average=None),
+                })
+            self.test_roc = MulticlassROC(n)
+            self.test_confmat = MulticlassConfusionMatrix(n)
+        self.train_metrics, self.val_metrics, self.test_metrics = summary(), summary(), summary()
+        self.best = {"auroc": float("-inf"), "acc": float("-inf")}
+
+    def _metrics(self, stage: str) -> MetricCollection:
+        return getattr(self, f"{stage}_metrics")
+
+    # ---- steps ----------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not self.hparams.multilabel:
+            return F.cross_entropy(logits, target, weight=self.class_weight)
+        known = target != UNKNOWN
+        per_item = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
+        return (per_item * known).sum() / known.sum().clamp(min=1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.hparams.multilabel else torch.softmax(logits, dim=1)
+
+    def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        target = batch["label"]
+        loss = self.loss(logits, target)
+        probs = self.probabilities(logits.detach())
+        metric_target = target.long() if self.hparams.multilabel else target
+        self._metrics(stage).update(probs, metric_target)
+        if stage == "test":
+            self.test_roc.update(probs, metric_target)
+            self.test_confmat.update(probs, metric_target)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+                 batch_size=len(target), sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.probabilities(self(batch["image"]))
+
+    # ---- epoch ends ----------------------------------------------------------------------
+    def _summarise(self, stage: str) -> dict[str, float]:
+        raw = self._metrics(stage).compute()
+        self._metrics(stage).reset()
+        support = raw["support"]  # (classes, [tp, fp, tn, fn, support])
+        positives = support[:, 0] + support[:, 3]
+        negatives = support[:, 1] + support[:, 2]
+        defined = (positives > 0) & (negatives > 0)
+        per_class = raw["auroc_per_class"]
+        values = {"acc": float(raw["acc"]), "f1": float(raw["f1"]),
+                  "auroc": float(per_class[defined].mean()) if defined.any() else float("nan")}
+        if stage == "test":
+            for name, auc, ok in zip(self.class_names, per_class.tolist(), defined.tolist()):
+                values[f"auroc_{name}"] = auc if ok else float("nan")
+        return values
+
+    def on_train_start(self) -> None:
+        self.val_metrics.reset()
+        self.best = {"auroc": float("-inf"), "acc": float("-inf")}
+
+    def on_train_epoch_end(self) -> None:
+        values = self._summarise("train")
+        self.log_dict({f"train/{k}": v for k, v in values.items() if k != "auroc"})
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._summarise("val")
+        if not self.trainer.sanity_checking:
+            for key in self.best:
+                if values[key] == values[key]:  # not NaN
+                    self.best[key] = max(self.best[key], values[key])
+            values |= {f"{k}_best": v for k, v in self.best.items()}
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
+
+    def on_test_epoch_end(self) -> None:
+        values = self._summarise("test")
+        self.log_dict({f"test/{k}": v for k, v in values.items()})
+        fpr, tpr, _ = self.test_roc.compute()
+        self.test_curves = {
+            "class_names": self.class_names,
+            "multilabel": self.hparams.multilabel,
+            "roc": [(f.cpu().numpy(), t.cpu().numpy()) for f, t in zip(fpr, tpr)],
+            "auroc": [values[f"auroc_{n}"] for n in self.class_names],
+            "confusion": self.test_confmat.compute().cpu().numpy(),
+        }
+        self.test_roc.reset()
+        self.test_confmat.reset()

@@ -1,0 +1,1 @@
+"""Helpers shared by the verbs: config composition, run directories, DDP under Hydra."""

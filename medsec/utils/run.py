@@ -1,0 +1,87 @@
+"""Run-directory I/O and the wrapper every verb runs under."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from medsec.errors import MedsecError
+
+log = logging.getLogger("medsec")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors_exit(func: F) -> F:
+    """Turn a :class:`MedsecError` into one clear log line and exit status 2 (no traceback).
+
+    ``SystemExit`` passes through Hydra untouched, so a multirun stops at the failing job and
+    says why; anything else is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MedsecError as err:
+            log.error("error: %s", err)
+            raise SystemExit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def to_float(value: Any) -> float | None:
+    """A metric value as a JSON-safe float (NaN/inf become ``None``)."""
+    number = float(value.item() if hasattr(value, "item") else value)
+    return number if math.isfinite(number) else None
+
+
+@rank_zero_only
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as pretty JSON, atomically (write to a temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def collect_metrics(*metric_maps: Mapping[str, Any]) -> dict[str, float | None]:
+    """Merge Lightning metric dicts, keeping the ``stage/name`` keys and dropping step-level ones."""
+    merged: dict[str, float | None] = {}
+    for metrics in metric_maps:
+        for key, value in metrics.items():
+            if "/" in key and not key.endswith("_step"):
+                merged[key.removesuffix("_epoch")] = to_float(value)
+    return dict(sorted(merged.items()))
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config with every interpolation resolved, without Hydra's own node."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@rank_zero_only
+def save_resolved_config(cfg: DictConfig, out_dir: str | Path) -> Path:
+    """Write the resolved config (without Hydra's own node) as ``config.yaml``."""
+    path = Path(out_dir) / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(resolved_config(cfg)))
+    return path
+
+
+def instantiate_list(cfg: DictConfig | None, **kwargs: Any) -> list[Any]:
+    """Instantiate every entry of a config group mapping (callbacks, loggers) that has a ``_target_``."""
+    if not cfg:
+        return []
+    return [instantiate(entry, **kwargs) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]

@@ -1,0 +1,103 @@
+"""Plots for run directories: ROC curves, confusion matrices, sample grids (matplotlib, Agg)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_roc(curves: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str], aucs: Sequence[float],
+             path: Path, title: str = "ROC curves (test)") -> Path:
+    """One ROC curve per class (one-vs-rest) with its AUROC in the legend."""
+    fig, ax = plt.subplots(figsize=(6.2, 5.6))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(names), 2)))
+    for (fpr, tpr), name, auc, colour in zip(curves, names, aucs, colours):
+        if np.isfinite(auc):
+            ax.plot(fpr, tpr, lw=1.6, color=colour, label=f"{name} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8 if len(names) > 6 else 9, title="class (AUROC)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """Row-normalised confusion matrix with counts (multi-class)."""
+    counts = np.asarray(matrix)
+    rates = counts / np.clip(counts.sum(1, keepdims=True), 1, None)
+    size = max(4.0, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i, j in np.ndindex(counts.shape):
+        ax.text(j, i, f"{counts[i, j]:d}\n{rates[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                color="white" if rates[i, j] > 0.6 else "black")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
+           title="confusion matrix (test)")
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    return _save(fig, path)
+
+
+def plot_multilabel_confusion(matrices: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """One 2x2 confusion matrix per finding (multi-label)."""
+    cols = min(5, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows), squeeze=False)
+    for ax, m, name in zip(axes.flat, matrices, names):
+        ax.imshow(m / max(m.sum(), 1), cmap="Blues", vmin=0, vmax=1)
+        for i, j in np.ndindex(2, 2):
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=9)
+        ax.set(title=name, xticks=[0, 1], yticks=[0, 1], xticklabels=["-", "+"], yticklabels=["-", "+"])
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("per-finding confusion (rows true, columns predicted at 0.5)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_classification_plots(curves: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write ``roc_curves.png`` and ``confusion_matrix.png`` from a task's ``test_curves``."""
+    out = Path(out_dir) / "plots"
+    names = curves["class_names"]
+    roc = curves["roc"]
+    aucs = curves["auroc"]
+    if not curves["multilabel"] and len(names) == 2:  # binary: one curve tells it all
+        roc, names_roc, aucs = roc[1:], [names[1]], aucs[1:]
+    else:
+        names_roc = names
+    paths = [plot_roc(roc, names_roc, aucs, out / "roc_curves.png")]
+    if curves["multilabel"]:
+        paths.append(plot_multilabel_confusion(curves["confusion"], names, out / "confusion_matrix.png"))
+    else:
+        paths.append(plot_confusion(curves["confusion"], names, out / "confusion_matrix.png"))
+    return paths
+
+
+def save_sample_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, cols: int = 8) -> Path:
+    """A grid of images (N, C, H, W) in [0, 1] with a title each (for ``log_images`` and notebooks)."""
+    images = np.asarray(images)
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return _save(fig, Path(path))

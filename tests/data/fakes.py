@@ -1,0 +1,142 @@
+"""Tiny fake data sets written into a test's ``tmp_path``."""
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+def shared_data(name: str) -> Path:
+    """``$MEDSEC_DATA_DIR/name`` or ``../shared/data/name`` beside the project; skip the test when absent."""
+    default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    path = Path(os.environ.get("MEDSEC_DATA_DIR") or default) / name
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (set MEDSEC_DATA_DIR or provide ../shared/data)")
+    return path
+
+
+NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position"]
+
+
+def gradient(shape: Sequence[int], high: int = 255) -> np.ndarray:
+    """A horizontal ramp from 0 to ``high`` (so min-max scaling is well defined)."""
+    row = np.linspace(0, high, shape[1])
+    return np.broadcast_to(row, tuple(shape[:2])).copy()
+
+
+def write_npz(
+    path: Path,
+    counts: Sequence[int] = (6, 3, 3),
+    num_classes: int = 2,
+    label_shape: str = "(N,1)",
+    rgb: bool = False,
+    size: int = 28,
+    drop: str | None = None,
+) -> Path:
+    """A MedMNIST-like ``.npz``: uint8 images, labels ``(N,)``, ``(N,1)`` or multi-label ``(N,C)``.
+
+    ``drop`` leaves one key out. Label ``i % num_classes`` for sample ``i``.
+    """
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        shape = (n, size, size, 3) if rgb else (n, size, size)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        index = np.arange(n) % num_classes
+        if label_shape == "(N,)":
+            labels = index.astype(np.uint8)
+        elif label_shape == "(N,1)":
+            labels = index.astype(np.uint8)[:, None]
+        else:  # multi-label
+            labels = (rng.random((n, num_classes)) < 0.5).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels
+    arrays.pop(drop, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def write_png(path: Path, size: int = 20, rgb: bool = False) -> Path:
+    """An 8-bit grey (or RGB) PNG/JPEG (format from the suffix)."""
+    pixels = gradient((size, size)).astype(np.uint8)
+    image = Image.fromarray(pixels, mode="L")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image.convert("RGB") if rgb else image).save(path)
+    return path
+
+
+def write_dicom(path: Path, bits: int = 16, size: int = 20) -> Path:
+    """A MONOCHROME2 secondary-capture DICOM with 8- or 16-bit unsigned pixels."""
+    dtype = np.uint8 if bits == 8 else np.uint16
+    pixels = gradient((size, size), high=255 if bits == 8 else 4000).astype(dtype)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "OT", "P0"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]
+    ds.PixelSpacing = [1, 1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_nifti(path: Path, size: int = 20) -> Path:
+    """A 2D float32 NIfTI image (``.nii`` or ``.nii.gz``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(gradient((size, size), high=1000).astype(np.float32), np.eye(4)), path)
+    return path
+
+
+def write_nih(root: Path, rows: Sequence[Sequence[str]], images: bool = True, csv_name: str = "") -> Path:
+    """A ChestX-ray14 folder: ``Data_Entry_2017.csv`` with ``rows`` of (image, findings, patient, view)
+    and, when ``images``, one small PNG per row in ``root/images``."""
+    root.mkdir(parents=True, exist_ok=True)
+    csv_path = root / (csv_name or "Data_Entry_2017.csv")
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(NIH_COLUMNS)
+        for name, findings, patient, view in rows:
+            writer.writerow([name, findings, 0, patient, view])
+    if images:
+        for name, *_ in rows:
+            write_png(root / "images" / name, size=8)
+    return csv_path
+
+
+def nih_rows(patients: int = 10, per_patient: int = 2) -> list[tuple[str, str, str, str]]:
+    """NIH-style rows: patient p has ``per_patient`` images, alternating findings and views."""
+    findings = ["No Finding", "Cardiomegaly", "Atelectasis|Effusion", "Hernia"]
+    return [
+        (f"{p:08d}_{k:03d}.png", findings[(p + k) % len(findings)], str(p), "PA" if k % 2 == 0 else "AP")
+        for p in range(1, patients + 1)
+        for k in range(per_patient)
+    ]
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
+    """A plain CSV file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
