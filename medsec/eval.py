@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from medsec.errors import ConfigError
 from medsec.utils.callbacks import CHECKPOINT_KEY
 from medsec.utils.config import CONFIG_DIR, register_resolvers
-from medsec.utils.ddp import install_job_command
-from medsec.utils.run import collect_metrics, instantiate_list, save_resolved_config, user_errors_exit, write_json
+from medsec.utils.ddp import ddp_job_scope
+from medsec.utils.run import collect_metrics, instantiate_list, publish_results, save_resolved_config, user_errors_exit
 
 log = logging.getLogger("medsec.eval")
 
@@ -51,18 +51,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float | None]:
         raise ConfigError(
             f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
             "fine-tune with `medsec train model.init_from=...` to change the class set")
-    install_job_command()
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
-                                     logger=instantiate_list(cfg.get("logger")))
-    trainer.test(task, datamodule=datamodule)
-    metrics = collect_metrics(trainer.callback_metrics)
-    if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
-        if getattr(task, "test_curves", None):
-            from medsec.viz import save_classification_plots
-
-            save_classification_plots(task.test_curves, out_dir)
-        log.info("results in %s", out_dir)
+    with ddp_job_scope():
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
+                                         logger=instantiate_list(cfg.get("logger")))
+        trainer.test(task, datamodule=datamodule)
+        metrics = collect_metrics(trainer.callback_metrics)
+        if trainer.is_global_zero:
+            publish_results(out_dir, metrics, task)
     return metrics
 
 

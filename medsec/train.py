@@ -13,14 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from medsec import __version__
 from medsec.utils.callbacks import LogSampleImages, StoreRunInfo
 from medsec.utils.config import CONFIG_DIR, register_resolvers
-from medsec.utils.ddp import install_job_command
+from medsec.utils.ddp import ddp_job_scope
 from medsec.utils.run import (
     collect_metrics,
     instantiate_list,
+    publish_results,
     resolved_config,
     save_resolved_config,
     user_errors_exit,
-    write_json,
 )
 
 log = logging.getLogger("medsec.train")
@@ -46,26 +46,20 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     if cfg.get("log_images"):
         callbacks.append(LogSampleImages())
     loggers = instantiate_list(cfg.get("logger"))
-    install_job_command()
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(resolved_config(cfg))
-
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    fit_metrics = dict(trainer.callback_metrics)
-    if cfg.get("test"):
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path else None
-        log.info("testing %s", best or "the last weights")
-        trainer.test(task, datamodule=datamodule, ckpt_path=best)
-    metrics = collect_metrics(fit_metrics, trainer.callback_metrics)
-    if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
-        if getattr(task, "test_curves", None):
-            from medsec.viz import save_classification_plots
-
-            save_classification_plots(task.test_curves, out_dir)
-        log.info("results in %s", out_dir)
+    with ddp_job_scope():
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(resolved_config(cfg))
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        fit_metrics = dict(trainer.callback_metrics)
+        if cfg.get("test"):
+            checkpoint = trainer.checkpoint_callback
+            best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+            log.info("testing %s", best or "the last weights")
+            trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
+        metrics = collect_metrics(fit_metrics, trainer.callback_metrics)
+        if trainer.is_global_zero:
+            publish_results(out_dir, metrics, task)
     return metrics
 
 

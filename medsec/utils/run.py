@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +21,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors_exit(func: F) -> F:
-    """Turn a :class:`MedsecError` into one clear log line and exit status 2 (no traceback).
+    """Turn a :class:`MedsecError` into one clear log line and exit status 2 (no traceback),
+    and close a W&B run whatever happens, so the next job of a sweep starts its own.
 
     ``SystemExit`` passes through Hydra untouched, so a multirun stops at the failing job and
     says why; anything else is a bug and keeps its traceback.
@@ -33,6 +35,9 @@ def user_errors_exit(func: F) -> F:
         except MedsecError as err:
             log.error("error: %s", err)
             raise SystemExit(2) from None
+        finally:
+            if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+                sys.modules["wandb"].finish()
 
     return wrapper  # type: ignore[return-value]
 
@@ -85,3 +90,15 @@ def instantiate_list(cfg: DictConfig | None, **kwargs: Any) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(entry, **kwargs) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def publish_results(out_dir: str | Path, metrics: Mapping[str, float | None], task: Any) -> None:
+    """Write ``metrics.json`` and the task's test plots (if it made any) into the run directory."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "metrics.json", metrics)
+    curves = getattr(task, "test_curves", None)
+    if curves:
+        from medsec.viz import save_classification_plots
+
+        save_classification_plots(curves, out_dir)
+    log.info("results in %s", out_dir)
