@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from medsec.errors import ConfigError
 from medsec.utils.callbacks import CHECKPOINT_KEY
 from medsec.utils.config import CONFIG_DIR, register_resolvers
-from medsec.utils.ddp import ddp_job_scope
+from medsec.utils.ddp import job_scope
 from medsec.utils.run import collect_metrics, instantiate_list, publish_results, save_resolved_config, user_errors_exit
 
 log = logging.getLogger("medsec.eval")
@@ -51,7 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | None]:
         raise ConfigError(
             f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
             "fine-tune with `medsec train model.init_from=...` to change the class set")
-    with ddp_job_scope():
+    with job_scope():
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
                                          logger=instantiate_list(cfg.get("logger")))
         trainer.test(task, datamodule=datamodule)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from medsec import __version__
 from medsec.utils.callbacks import LogSampleImages, StoreRunInfo
 from medsec.utils.config import CONFIG_DIR, register_resolvers
-from medsec.utils.ddp import ddp_job_scope
+from medsec.utils.ddp import job_scope
 from medsec.utils.run import (
     collect_metrics,
     instantiate_list,
@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     if cfg.get("log_images"):
         callbacks.append(LogSampleImages())
     loggers = instantiate_list(cfg.get("logger"))
-    with ddp_job_scope():
+    with job_scope():
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved_config(cfg))

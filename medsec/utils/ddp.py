@@ -44,8 +44,9 @@ DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"
 
 
 @contextmanager
-def ddp_job_scope() -> Iterator[None]:
-    """Run one job's DDP work; afterwards leave the process as a fresh job would find it."""
+def job_scope() -> Iterator[None]:
+    """Run one job's trainer; afterwards leave the process as a fresh job would find it: no
+    process group, no rank variables, no open W&B run (the next job of a sweep starts its own)."""
     install_job_command()
     before = {key: os.environ.get(key) for key in DDP_ENV}
     try:
@@ -58,3 +59,5 @@ def ddp_job_scope() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()

@@ -5,7 +5,6 @@ import functools
 import json
 import logging
 import math
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors_exit(func: F) -> F:
-    """Turn a :class:`MedsecError` into one clear log line and exit status 2 (no traceback),
-    and close a W&B run whatever happens, so the next job of a sweep starts its own.
+    """Turn a :class:`MedsecError` into one clear log line and exit status 2 (no traceback).
 
     ``SystemExit`` passes through Hydra untouched, so a multirun stops at the failing job and
     says why; anything else is a bug and keeps its traceback.
@@ -35,9 +33,6 @@ def user_errors_exit(func: F) -> F:
         except MedsecError as err:
             log.error("error: %s", err)
             raise SystemExit(2) from None
-        finally:
-            if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-                sys.modules["wandb"].finish()
 
     return wrapper  # type: ignore[return-value]
 
