@@ -110,3 +110,19 @@ def test_missing_init_checkpoint_is_named(tmp_path: Path) -> None:
 def test_balanced_class_weights(tmp_path: Path) -> None:
     metrics = run_verb("train", [*TINY, "trainer.max_epochs=1", "task.class_weights=balanced"], tmp_path)
     assert math.isfinite(metrics["train/loss"])
+
+
+def test_folder_of_mixed_formats_trains(tmp_path: Path) -> None:
+    """PNG, DICOM and NIfTI files in class folders go through LoadImage into training and eval."""
+    from tests.data.fakes import write_dicom, write_nifti, write_png
+
+    root = tmp_path / "images"
+    for cls in ("normal", "abnormal"):
+        for i in range(6):
+            write_png(root / cls / f"{i}.png")
+            write_dicom(root / cls / f"{i}.dcm")
+            write_nifti(root / cls / f"{i}.nii.gz")
+    metrics = run_verb("train", ["data=folder", f"data.source.root={root}", "data.image_size=24", "data.num_workers=0",
+                                 "data.batch_size=8", "model.net.width=4", "trainer.max_epochs=1",
+                                 "callbacks.rich_progress_bar=null"], tmp_path / "run")
+    assert "test/auroc_normal" in metrics and "test/auroc_abnormal" in metrics
