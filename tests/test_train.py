@@ -19,6 +19,7 @@ def test_run_directory_has_everything(trained_run: Path) -> None:
         assert key in metrics, key
     assert all("/" in k for k in metrics)
     assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert metrics["train/images_per_s"] > 0 and metrics["train/epoch_time_s"] > 0
     assert metrics["val/auroc_best"] >= metrics["val/auroc"] - 1e-9
     assert (trained_run / "checkpoints" / "best.ckpt").is_file()
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()

@@ -1,6 +1,7 @@
 """Lightning callbacks used by the verbs."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -42,3 +43,21 @@ class LogSampleImages(L.Callback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image("val/samples", [grid], step=trainer.global_step)
 
+
+
+class TrainThroughput(L.Callback):
+    """Log ``train/images_per_s`` and ``train/epoch_time_s``: training images per second of the
+    training part of each epoch (data loading included, validation excluded)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self.last = time.perf_counter()
+        self.images = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self.images += len(batch["image"]) * trainer.world_size
+        self.last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = max(self.last - self.start, 1e-9)
+        pl_module.log_dict({"train/epoch_time_s": elapsed, "train/images_per_s": self.images / elapsed})
