@@ -1,6 +1,7 @@
 """Named MONAI transform pipelines, plus the few small transforms MONAI does not have."""
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -33,18 +34,21 @@ class LoadImageNamed(MapTransform):
 
     def __init__(self, keys: KeysT) -> None:
         super().__init__(keys)
-        with warnings.catch_warnings():  # LoadImage probes every reader, GPU DICOM decoder included
+        # LoadImage probes every reader, the GPU DICOM decoder included: no news on a CPU machine
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
             self.loaders = self._make_loaders()
 
     @staticmethod
     def _make_loaders() -> dict[tuple[str, ...], LoadImage]:
         return {
-            (".png", ".jpg", ".jpeg", ".bmp"): LoadImage(image_only=True, ensure_channel_first=True,
+            (".png", ".jpg", ".jpeg", ".bmp"): LoadImage(image_only=True, ensure_channel_first=True, dtype=None,
                                                          reader=PILReader(reverse_indexing=False)),
-            (".dcm", ".dicom"): LoadImage(image_only=True, ensure_channel_first=True,
+            (".dcm", ".dicom"): LoadImage(image_only=True, ensure_channel_first=True, dtype=None,
                                           reader=PydicomReader(swap_ij=False)),
-            (".nii", ".nii.gz"): LoadImage(image_only=True, ensure_channel_first=True, reader=NibabelReader()),
+            (".nii", ".nii.gz"): LoadImage(image_only=True, ensure_channel_first=True, dtype=None,
+                                           reader=NibabelReader()),
         }
 
     def _read(self, path: str) -> torch.Tensor:
