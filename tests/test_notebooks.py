@@ -1,0 +1,82 @@
+"""Execute every tutorial in notebooks/ with tiny settings (``MEDSEC_NOTEBOOK_FAST=1``) and check its results."""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from medsec.utils.config import REPO_ROOT
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+KERNEL_PROBE = "import sys\nprint('KERNEL_PREFIX=' + sys.prefix)"
+
+pytestmark = pytest.mark.slow
+
+
+def kernel_manager(kernel_dir: Path) -> AsyncKernelManager:
+    """A ``python3`` kernel that runs this interpreter (the venv's), whatever kernel specs the user or
+    the system has installed elsewhere."""
+    write_kernel_spec(kernel_dir / "python3", overrides={
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]})
+    specs = KernelSpecManager(kernel_dirs=[str(kernel_dir)], ensure_native_kernel=False)
+    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+def stream_text(nb: nbformat.NotebookNode) -> str:
+    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+
+
+def test_notebooks_exist() -> None:
+    assert NOTEBOOK_DIR / "01_quickstart.ipynb" in NOTEBOOKS
+
+
+def test_notebooks_are_stored_without_outputs() -> None:
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        dirty = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+                 and (cell.get("outputs") or cell.get("execution_count") is not None)]
+        assert not dirty, f"{path.name}: cells {dirty} keep outputs; clear them before committing"
+        assert any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in nb.cells), \
+            f"{path.name}: no cell tagged 'parameters'"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel inherits os.environ: tiny settings, and its temporary folders under tmp_path
+    monkeypatch.setenv("MEDSEC_NOTEBOOK_FAST", "1")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    workdir = tmp_path / "notebooks"
+    workdir.mkdir()
+    shutil.copy(path, workdir / path.name)
+
+    nb = nbformat.read(workdir / path.name, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(KERNEL_PROBE))
+    client = NotebookClient(nb, km=kernel_manager(tmp_path / "kernels"), timeout=600,
+                            resources={"metadata": {"path": str(workdir)}})
+    client.execute()  # raises CellExecutionError, with the failing cell and traceback, on any error
+
+    text = stream_text(nb)
+    prefix = re.search(r"^KERNEL_PREFIX=(.*)$", text, re.MULTILINE)
+    assert prefix and Path(prefix.group(1)).resolve() == Path(sys.prefix).resolve(), \
+        f"the kernel ran {prefix and prefix.group(1)}, not this environment ({sys.prefix})"
+    if path.stem == "01_quickstart":
+        found = re.search(r"^QUICKSTART test/auroc=([0-9.]+)$", text, re.MULTILINE)
+        assert found, "the quickstart did not print its final 'QUICKSTART test/auroc=...' line"
+        assert float(found.group(1)) > 0.8  # the synthetic task is learnable even in fast mode
+        images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+        assert len(images) >= 5, f"expected the data, batch, curve, ROC and confusion figures; got {len(images)}"
+        runs = list(scratch.glob("medsec-quickstart-*/train/metrics.json"))
+        assert len(runs) == 1, "the quickstart did not write its run directory under the temporary folder"
