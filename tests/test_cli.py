@@ -83,3 +83,22 @@ def test_optuna_sweep_returns_the_monitored_metric(tmp_path: Path) -> None:
     best = max(json.loads((job / "metrics.json").read_text())["val/auroc_best"] for job in sweep.iterdir()
                if (job / "metrics.json").exists())
     assert f"best_value: {best}"[:18] in summary
+
+
+@pytest.mark.parametrize("loading", [["data.cache=true"], ["data.cache=false", "data.num_workers=2"]],
+                         ids=["cached", "in-workers"])
+def test_truncated_image_is_named(tmp_path: Path, loading: list[str]) -> None:
+    """A broken file is reported by name, whether read while caching or inside a DataLoader worker."""
+    from tests.data.fakes import write_png
+
+    for cls in ("a", "b"):
+        for i in range(4):
+            write_png(tmp_path / "images" / cls / f"{i}.png")
+    broken = tmp_path / "images" / "b" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    result = medsec_cli("train", "data=folder", f"data.source.root={tmp_path / 'images'}", "data.batch_size=2",
+                        "trainer.max_epochs=1", *loading, f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert f"error: cannot read image file {broken}" in output
+    assert "Traceback" not in output

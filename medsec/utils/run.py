@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,8 +20,30 @@ log = logging.getLogger("medsec")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def user_error_message(err: BaseException) -> str | None:
+    """The message of the :class:`MedsecError` behind ``err``, if there is one.
+
+    MONAI wraps transform errors in ``RuntimeError`` (keeping the cause), and DataLoader workers
+    pass errors back as text only; both are searched.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MedsecError):
+            return str(err)
+        found = _REMOTE_ERROR.search(str(err))
+        if found:
+            return found.group(1)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+_REMOTE_ERROR = re.compile(r"^medsec\.errors\.\w+: (.+)$", re.MULTILINE)
+
+
 def user_errors_exit(func: F) -> F:
-    """Turn a :class:`MedsecError` into one clear log line and exit status 2 (no traceback).
+    """Turn a :class:`MedsecError` (also one raised inside a transform or a DataLoader worker) into
+    one clear log line and exit status 2, with no traceback.
 
     ``SystemExit`` passes through Hydra untouched, so a multirun stops at the failing job and
     says why; anything else is a bug and keeps its traceback.
@@ -30,8 +53,11 @@ def user_errors_exit(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except MedsecError as err:
-            log.error("error: %s", err)
+        except Exception as err:
+            message = user_error_message(err)
+            if message is None:
+                raise
+            log.error("error: %s", message)
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]
