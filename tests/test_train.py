@@ -127,3 +127,13 @@ def test_folder_of_mixed_formats_trains(tmp_path: Path) -> None:
                                  "data.batch_size=8", "model.net.width=4", "trainer.max_epochs=1",
                                  "callbacks.rich_progress_bar=null"], tmp_path / "run")
     assert "test/auroc_normal" in metrics and "test/auroc_abnormal" in metrics
+
+
+def test_best_checkpoint_follows_the_configured_monitor(tmp_path: Path) -> None:
+    import csv
+
+    run_verb("train", [*TINY, "trainer.max_epochs=3", "monitor=val/loss", "monitor_mode=min"], tmp_path)
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("val/loss")]
+    losses = [float(r["val/loss"]) for r in rows]
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == losses.index(min(losses))
