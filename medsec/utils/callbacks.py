@@ -1,7 +1,9 @@
 """Lightning callbacks used by the verbs."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,18 +48,56 @@ class LogSampleImages(L.Callback):
 
 
 class TrainThroughput(L.Callback):
-    """Log ``train/images_per_s`` and ``train/epoch_time_s``: training images per second of the
-    training part of each epoch (data loading included, validation excluded)."""
+    """Training throughput: logs ``train/images_per_s`` and ``train/epoch_time_s`` each epoch (data
+    loading included, validation excluded) and, given a ``path``, writes every epoch's wall and
+    process-CPU seconds and image count there as JSON when fitting ends (the benchmarks use it)."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.epochs: list[dict[str, float]] = []
+        self._t0: float | None = None
+        self._c0 = 0.0
+        self._in_epoch = False
+        self._seconds = 0.0
+        self._cpu_seconds = 0.0
+        self._images = 0
+
+    def _resume(self) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def _pause(self) -> None:
+        if self._t0 is not None:
+            self._seconds += time.perf_counter() - self._t0
+            self._cpu_seconds += time.process_time() - self._c0
+            self._t0 = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = self.last = time.perf_counter()
-        self.images = 0
+        self._in_epoch, self._seconds, self._cpu_seconds, self._images = True, 0.0, 0.0, 0
+        self._resume()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        self.images += len(batch["image"]) * trainer.world_size
-        self.last = time.perf_counter()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        labels = batch["label"] if isinstance(batch, dict) else batch[1]
+        self._images += len(labels)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._pause()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._in_epoch:
+            self._resume()  # training goes on (or the epoch ends right away)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        elapsed = max(self.last - self.start, 1e-9)
-        pl_module.log_dict({"train/epoch_time_s": elapsed, "train/images_per_s": self.images / elapsed})
+        self._pause()
+        self._in_epoch = False
+        self.epochs.append({"seconds": self._seconds, "cpu_seconds": self._cpu_seconds,
+                            "images": self._images})
+        seconds = max(self._seconds, 1e-9)
+        pl_module.log_dict({"train/epoch_time_s": seconds,
+                            "train/images_per_s": self._images * trainer.world_size / seconds})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.path is not None and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"epochs": self.epochs}, indent=2) + "\n")
