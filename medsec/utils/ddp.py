@@ -3,7 +3,7 @@
 Lightning starts ranks 1..N-1 by re-running the parent's command line. Under ``medsec <verb>``
 that command line is not re-runnable as is, and in a multirun (``-m``) the children would start the
 whole sweep again. We give Lightning a command that re-runs exactly this job: the verb, this job's
-own overrides, its run directory, and ``hydra.mode=RUN``. After each job, :func:`ddp_job_scope`
+own overrides, its run directory, and ``hydra.mode=RUN``. After each job, :func:`job_scope`
 tears the process group down and removes the rank variables Lightning put into the parent's
 environment, so the next job of a sweep starts its own ranks instead of waiting for dead ones.
 """

@@ -20,6 +20,10 @@ log = logging.getLogger("medsec")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_REMOTE_ERROR = re.compile(r"^medsec\.errors\.\w+: (.+)$", re.MULTILINE)
+"""How a MedsecError raised in a DataLoader worker reads in the traceback text handed back."""
+
+
 def user_error_message(err: BaseException) -> str | None:
     """The message of the :class:`MedsecError` behind ``err``, if there is one.
 
@@ -36,9 +40,6 @@ def user_error_message(err: BaseException) -> str | None:
             return found.group(1)
         err = err.__cause__ or err.__context__
     return None
-
-
-_REMOTE_ERROR = re.compile(r"^medsec\.errors\.\w+: (.+)$", re.MULTILINE)
 
 
 def user_errors_exit(func: F) -> F:
