@@ -31,6 +31,17 @@ def test_run_directory_has_everything(trained_run: Path) -> None:
     assert "${" not in (trained_run / "config.yaml").read_text()  # resolved
 
 
+def test_predictions_csv_has_one_row_per_test_image(trained_run: Path) -> None:
+    import pandas as pd
+
+    frame = pd.read_csv(trained_run / "predictions.csv")
+    assert len(frame) == 64 and frame["id"].is_unique
+    probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    assert probs.shape[1] == 3 and abs(probs.sum(axis=1) - 1).max() < 1e-4
+    accuracy = (probs.argmax(axis=1) == frame["label"].to_numpy()).mean()
+    assert accuracy == pytest.approx(read_metrics(trained_run)["test/acc"], abs=1e-6)
+
+
 def test_checkpoint_rebuilds_without_config(trained_run: Path) -> None:
     from medsec.tasks import ClassificationTask
 

@@ -1,18 +1,20 @@
 """MedicalDataModule: one LightningDataModule for every source, built on MONAI datasets."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose
 from torch.utils.data import DataLoader
 
 from medsec.data.sources.base import SPLITS, DataSource, Record, SourceData
-from medsec.data.transforms import classification_transforms
+from medsec.data.transforms import LoadImageNamed, classification_transforms
 from medsec.errors import ConfigError
 
-PAYLOAD_KEYS = ("image", "label")
+PAYLOAD_KEYS = ("image", "label", "mask", "record")
+"""Record fields handed to the transform pipeline (``record``: a handle a source's reader opens)."""
 
 
 class MedicalDataModule(L.LightningDataModule):
@@ -27,6 +29,11 @@ class MedicalDataModule(L.LightningDataModule):
         augment: random flips and small affine transforms on the training split.
         cache: keep the deterministic part of the pipeline in memory (MONAI ``CacheDataset``;
             nothing is written to disk).
+        pipeline: builds each split's MONAI transforms (keyword arguments ``train``, ``reader``,
+            ``in_channels``, ``spatial_dims``, ``image_size``, ``augment``, ``multilabel``);
+            a ``_partial_`` config fixes the rest. Default: :func:`classification_transforms`.
+        eval_batch_size: global batch size for validation and test (e.g. 1 for whole volumes);
+            default ``batch_size``.
     """
 
     def __init__(
@@ -39,10 +46,13 @@ class MedicalDataModule(L.LightningDataModule):
         augment: bool = True,
         cache: bool = True,
         pin_memory: bool = False,
+        pipeline: Callable[..., Compose] | None = None,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be positive, got {value}")
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -51,6 +61,8 @@ class MedicalDataModule(L.LightningDataModule):
         self.augment = augment
         self.cache = cache
         self.pin_memory = pin_memory
+        self.pipeline = pipeline or classification_transforms
+        self.eval_batch_size = eval_batch_size or batch_size
         self._data: SourceData | None = None
         self.datasets: dict[str, Dataset] = {}
 
@@ -79,10 +91,7 @@ class MedicalDataModule(L.LightningDataModule):
 
     def class_counts(self) -> list[int] | None:
         """Training examples per class (multi-class data), e.g. for balanced class weights."""
-        if self.multilabel:
-            return None
-        labels = np.asarray([int(r["label"]) for r in self.data.splits["train"]])
-        return np.bincount(labels, minlength=self.num_classes).tolist()
+        return self.data.class_counts()
 
     def task_info(self) -> dict[str, Any]:
         """What a task needs to know about the data to build its network, loss and metrics."""
@@ -102,32 +111,37 @@ class MedicalDataModule(L.LightningDataModule):
                 self.datasets[split] = self._build(split, self.data.splits[split])
 
     def _build(self, split: str, records: list[Record]) -> Dataset:
-        transform = classification_transforms(
+        reader = self.data.reader
+        if reader is None and self.data.from_files:
+            reader = LoadImageNamed(["image", "mask"], allow_missing_keys=True)
+        transform = self.pipeline(
             train=split == "train",
-            from_files=self.data.from_files,
+            reader=reader,
             in_channels=self.in_channels,
             spatial_dims=self.data.spatial_dims,
             image_size=self.image_size,
             augment=self.augment,
             multilabel=self.data.multilabel,
         )
-        payload = [{k: r[k] for k in PAYLOAD_KEYS} | {"id": r.get("id", str(i))} for i, r in enumerate(records)]
+        payload = [{k: r[k] for k in PAYLOAD_KEYS if k in r} | {"id": r.get("id", str(i))}
+                   for i, r in enumerate(records)]
         if self.cache:
             return CacheDataset(payload, transform, progress=False, num_workers=0)
         return Dataset(payload, transform)
 
-    def _per_device_batch(self) -> int:
+    def _per_device_batch(self, split: str) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
-            raise ConfigError(f"data.batch_size={self.batch_size} is not divisible by the {world} DDP processes")
-        return self.batch_size // world
+        name, size = ("batch_size", self.batch_size) if split == "train" else ("eval_batch_size", self.eval_batch_size)
+        if size % world and size >= world:
+            raise ConfigError(f"data.{name}={size} is not divisible by the {world} DDP processes")
+        return max(size // world, 1)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup(None)
         return DataLoader(
             self.datasets[split],
-            batch_size=self._per_device_batch(),
+            batch_size=self._per_device_batch(split),
             shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,8 @@ class LoadImageNamed(MapTransform):
     DICOM images are read in (row, column) order, as they are displayed.
     """
 
-    def __init__(self, keys: KeysT) -> None:
-        super().__init__(keys)
+    def __init__(self, keys: KeysT, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
         # LoadImage probes every reader, the GPU DICOM decoder included: no news on a CPU machine
         logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
         with warnings.catch_warnings():
@@ -114,7 +114,7 @@ class ToChannelsd(MapTransform):
 def classification_transforms(
     *,
     train: bool,
-    from_files: bool,
+    reader: Callable[[Mapping[Hashable, Any]], Mapping[Hashable, Any]] | None,
     in_channels: int,
     spatial_dims: int,
     image_size: int | None = None,
@@ -123,11 +123,13 @@ def classification_transforms(
 ) -> Compose:
     """The classification pipeline: read, scale to [0, 1], fix channels, resize, augment, type.
 
+    ``reader`` runs first (e.g. :class:`LoadImageNamed` for file records, or a decrypting reader).
+
     MONAI's ``CacheDataset`` caches everything before the first random transform, so only the
     augmentation runs every epoch. Output: ``image`` float32 in [0, 1] with ``in_channels``
     channels and ``label`` int64 (multi-class) or float32 (multi-label, -1 = unknown).
     """
-    steps: list = [LoadImageNamed("image")] if from_files else []
+    steps: list = [reader] if reader is not None else []
     steps += [ScaleToUnitd("image"), ToChannelsd("image", in_channels)]
     if image_size:
         steps.append(Resized("image", spatial_size=(image_size,) * spatial_dims, mode="area"))

@@ -1,10 +1,14 @@
 """CheXNet-style classification: multi-class (cross-entropy) and multi-label (masked BCE)."""
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics import MetricCollection
@@ -25,6 +29,7 @@ from torchmetrics.classification import (
 
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
+from medsec.utils.outputs import OutputWriter
 
 UNKNOWN = -1
 """Multi-label target value for a finding that was not assessed: masked in loss and metrics."""
@@ -35,8 +40,9 @@ class ClassificationTask(BaseTask):
 
     Logs ``{train,val,test}/loss``, ``/acc``, ``/f1``, ``/auroc`` (macro over classes that have
     both positives and negatives in the split), ``val/auroc_best``, ``val/acc_best`` and, on test,
-    ``test/auroc_<class>`` per class. ``test_curves`` holds ROC curves and the confusion matrix for
-    plotting after ``trainer.test``.
+    ``test/auroc_<class>`` per class. After ``trainer.test``, ``test_curves`` holds ROC curves and
+    the confusion matrix and ``test_predictions`` one row per test image (id, target, probabilities);
+    :meth:`save_test_outputs` writes them as plots and ``predictions.csv``.
 
     Args:
         model: the ``model`` config (``net`` plus fine-tuning options).
@@ -66,6 +72,7 @@ class ClassificationTask(BaseTask):
             raise ConfigError(f"{len(self.class_names)} class names for {num_classes} classes")
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler)
         self.test_curves: dict[str, Any] = {}
+        self.test_predictions: list[tuple[str, list[float], list[float]]] = []
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -137,6 +144,8 @@ class ClassificationTask(BaseTask):
         if stage == "test":
             self.test_roc.update(probs, metric_target)
             self.test_confmat.update(probs, metric_target)
+            targets = target.reshape(len(target), -1).float().tolist()
+            self.test_predictions += list(zip(batch["id"], targets, probs.float().tolist()))
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
                  batch_size=len(target), sync_dist=stage != "train")
         return loss
@@ -186,6 +195,9 @@ class ClassificationTask(BaseTask):
             values |= {f"{k}_best": v for k, v in self.best.items()}
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
 
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = []
+
     def on_test_epoch_end(self) -> None:
         values = self._summarise("test")
         self.log_dict({f"test/{k}": v for k, v in values.items()})
@@ -199,3 +211,29 @@ class ClassificationTask(BaseTask):
         }
         self.test_roc.reset()
         self.test_confmat.reset()
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.test_predictions)
+            unique = {row[0]: row for rows in gathered for row in rows}  # DDP pads with repeats
+            self.test_predictions = list(unique.values())
+
+    def predictions_csv(self) -> bytes:
+        """``test_predictions`` as CSV: id, target(s), one probability column per class."""
+        buffer = io.StringIO()
+        out = csv.writer(buffer)
+        targets = self.class_names if self.hparams.multilabel else ["label"]
+        out.writerow(["id", *(f"target_{t}" if self.hparams.multilabel else t for t in targets),
+                      *(f"prob_{c}" for c in self.class_names)])
+        for record_id, target, probs in self.test_predictions:
+            out.writerow([record_id, *(int(t) for t in target), *(f"{p:.6f}" for p in probs)])
+        return buffer.getvalue().encode()
+
+    def save_test_outputs(self, out_dir: str | Path, writer: OutputWriter) -> None:
+        """ROC and confusion plots (aggregates) under ``plots/``; per-image predictions through
+        ``writer`` (sealed when the run encrypts its outputs)."""
+        if self.test_curves:
+            from medsec.viz import save_classification_plots
+
+            save_classification_plots(self.test_curves, out_dir)
+        if self.test_predictions:
+            writer.write("predictions.csv", self.predictions_csv())

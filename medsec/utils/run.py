@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medsec.errors import MedsecError
+from medsec.utils.outputs import OutputWriter
 
 log = logging.getLogger("medsec")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -114,13 +115,13 @@ def instantiate_list(cfg: DictConfig | None, **kwargs: Any) -> list[Any]:
     return [instantiate(entry, **kwargs) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
-def publish_results(out_dir: str | Path, metrics: Mapping[str, float | None], task: Any) -> None:
-    """Write ``metrics.json`` and the task's test plots (if it made any) into the run directory."""
+def publish_results(out_dir: str | Path, metrics: Mapping[str, float | None], task: Any,
+                    writer: OutputWriter | None = None) -> None:
+    """Write ``metrics.json`` and let the task save its test outputs (plots, per-case predictions)
+    through ``writer`` (plain files by default; a security stage's writer encrypts them)."""
     out_dir = Path(out_dir)
     write_json(out_dir / "metrics.json", metrics)
-    curves = getattr(task, "test_curves", None)
-    if curves:
-        from medsec.viz import save_classification_plots
-
-        save_classification_plots(curves, out_dir)
+    save = getattr(task, "save_test_outputs", None)
+    if save is not None:
+        save(out_dir, writer or OutputWriter(out_dir))
     log.info("results in %s", out_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medsec.data.sources import FINDINGS, ChestXray14Source, SourceData
-from medsec.data.transforms import classification_transforms
+from medsec.data.transforms import LoadImageNamed, classification_transforms
 from medsec.errors import DataError
 
 from .fakes import nih_rows, shared_data, write_csv, write_nih
@@ -87,7 +87,7 @@ def test_record_through_pipeline(tmp_path: Path) -> None:
     write_nih(tmp_path, nih_rows(patients=10, per_patient=1))
     record = ChestXray14Source(str(tmp_path)).load().splits["train"][0]
     out = classification_transforms(
-        train=False, from_files=True, in_channels=1, spatial_dims=2, image_size=32, multilabel=True
+        train=False, reader=LoadImageNamed("image"), in_channels=1, spatial_dims=2, image_size=32, multilabel=True
     )(record)
     assert out["image"].shape == (1, 32, 32) and out["image"].dtype == torch.float32
     assert out["label"].shape == (14,) and out["label"].dtype == torch.float32

@@ -59,3 +59,11 @@ def test_global_batch_is_split_across_processes() -> None:
     dm.trainer = SimpleNamespace(world_size=3)
     with pytest.raises(ConfigError, match="batch_size=8 is not divisible by the 3 DDP processes"):
         dm.train_dataloader()
+
+
+def test_eval_batch_size_applies_to_validation_and_test_only() -> None:
+    dm = make(batch_size=8, eval_batch_size=2)
+    assert dm.train_dataloader().batch_size == 8
+    assert dm.val_dataloader().batch_size == 2 and dm.test_dataloader().batch_size == 2
+    with pytest.raises(ConfigError, match="eval_batch_size must be positive"):
+        make(eval_batch_size=-1)

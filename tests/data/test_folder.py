@@ -29,7 +29,7 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
 def read(path: Path, pipeline: bool) -> torch.Tensor:
     """Read one file with LoadImageNamed alone or with the evaluation pipeline."""
     transform = (
-        classification_transforms(train=False, from_files=True, in_channels=1, spatial_dims=2, image_size=32)
+        classification_transforms(train=False, reader=LoadImageNamed("image"), in_channels=1, spatial_dims=2, image_size=32)
         if pipeline
         else LoadImageNamed("image")
     )

@@ -54,7 +54,7 @@ def test_records_through_pipeline(tmp_path: Path) -> None:
     write_npz(tmp_path / "pneumoniamnist.npz")
     record = MedMNISTSource(root=str(tmp_path), download=False).load().splits["train"][0]
     out = classification_transforms(
-        train=False, from_files=False, in_channels=1, spatial_dims=2, image_size=32
+        train=False, reader=None, in_channels=1, spatial_dims=2, image_size=32
     )(record)
     assert out["image"].shape == (1, 32, 32) and out["image"].dtype == torch.float32
     assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0

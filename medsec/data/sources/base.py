@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,14 @@ class SourceData:
     multilabel: bool = False
     spatial_dims: int = 2
     from_files: bool = False
-    """True when ``image`` entries are paths to be read with MONAI's ``LoadImage``."""
+    """True when ``image`` (and ``mask``) entries are paths to be read with MONAI's ``LoadImage``."""
     info: dict[str, Any] = field(default_factory=dict)
+    reader: Callable[[Record], Record] | None = None
+    """A picklable map transform that turns a record into arrays first thing in the pipeline (e.g.
+    decryption inside DataLoader workers); ``None``: records already hold arrays, or paths when
+    ``from_files``."""
+    train_class_counts: list[int] | None = None
+    """Training examples per class, for sources whose records carry no readable label."""
 
     def __post_init__(self) -> None:
         for split in SPLITS:
@@ -39,6 +45,13 @@ class SourceData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def class_counts(self) -> list[int] | None:
+        """Training examples per class (multi-class data), e.g. for balanced class weights."""
+        if self.train_class_counts is not None or self.multilabel:
+            return self.train_class_counts
+        labels = np.asarray([int(r["label"]) for r in self.splits["train"]])
+        return np.bincount(labels, minlength=self.num_classes).tolist()
 
 
 class DataSource(ABC):
