@@ -8,7 +8,11 @@ from collections.abc import Sequence
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("medsec.train", "train a task (default: the synthetic demo) and test its best checkpoint"),
     "eval": ("medsec.eval", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
+    "encrypt": ("medsec.encrypt", "encrypted record stores and keys: encrypt [action=store|rotate|verify|keygen|decrypt]"),
 }
+
+FLAG_ALIASES = {"--rotate": "action=rotate", "--verify": "action=verify"}
+"""Flags some verbs accept as a shorthand for a Hydra override."""
 
 USAGE = """usage: medsec <verb> [hydra overrides ...]
 
@@ -20,6 +24,7 @@ Each verb is a Hydra app: `medsec <verb> --help` shows its config groups and opt
   medsec train
   medsec train experiment=pneumoniamnist_resnet18 trainer.max_epochs=3
   medsec eval ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
+  medsec encrypt action=keygen && medsec encrypt data=medmnist && medsec train data=medmnist crypto=aes
 """
 
 
@@ -38,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medsec: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
+    overrides = [FLAG_ALIASES.get(arg, arg) for arg in overrides]
     sys.argv = [f"medsec {verb}", *overrides]  # Hydra reads its overrides from sys.argv
     module.main()
     return 0

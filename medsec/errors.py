@@ -11,3 +11,8 @@ class DataError(MedsecError, ValueError):
 
 class ConfigError(MedsecError, ValueError):
     """A configuration value is missing or inconsistent; the message names the field."""
+
+
+class SecurityError(MedsecError):
+    """A key or integrity check failed (wrong key, tampered or truncated data); the message names
+    the store, record or file, never key material."""

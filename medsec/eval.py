@@ -5,6 +5,7 @@ a ``data=...`` override names another one.
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from medsec.crypto.stage import AESStage, checkpoint_file
+from medsec.data.datamodule import build_datamodule
 from medsec.errors import ConfigError
 from medsec.utils.callbacks import CHECKPOINT_KEY
 from medsec.utils.config import CONFIG_DIR, register_resolvers
@@ -24,18 +27,22 @@ from medsec.utils.run import collect_metrics, instantiate_list, publish_results,
 log = logging.getLogger("medsec.eval")
 
 
-def read_run_info(ckpt_path: str | Path) -> dict[str, Any]:
-    """The run information ``medsec train`` stored in a checkpoint."""
+def open_checkpoint(ckpt_path: str | Path, stage: AESStage | None = None) -> tuple[dict[str, Any], Path | io.BytesIO]:
+    """The run information ``medsec train`` stored in a checkpoint, and the checkpoint to load the
+    task from (the file, or its decrypted bytes in memory when it is sealed)."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path: checkpoint not found: {path}")
+    source = checkpoint_file(path, stage)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as err:
         raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or CHECKPOINT_KEY not in payload:
         raise ConfigError(f"ckpt_path: {path} was not written by `medsec train` (no '{CHECKPOINT_KEY}' entry)")
-    return payload[CHECKPOINT_KEY]
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    return payload[CHECKPOINT_KEY], source
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | None]:
@@ -43,10 +50,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float | None]:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, out_dir)
-    info = read_run_info(cfg.ckpt_path)
+    stage = instantiate(cfg.crypto) if cfg.get("crypto") else None
+    info, checkpoint = open_checkpoint(cfg.ckpt_path, stage)
+    trained_with = info.get("crypto") or {}
+    if stage is None and trained_with:
+        stage = instantiate(trained_with)  # trained on an encrypted store: read it the same way
+    if stage is not None and trained_with.get("encrypt_outputs") and not stage.encrypt_outputs:
+        log.info("sealing outputs, as the training run did (crypto.encrypt_outputs)")
+        stage.encrypt_outputs = True
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(info["data"])
-    datamodule = instantiate(data_cfg)
-    task = get_class(info["task_target"]).load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    datamodule = build_datamodule(data_cfg, stage)
+    task = get_class(info["task_target"]).load_from_checkpoint(checkpoint, map_location="cpu")
     if list(datamodule.class_names) != list(task.class_names):
         raise ConfigError(
             f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
@@ -57,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | None]:
         trainer.test(task, datamodule=datamodule)
         metrics = collect_metrics(trainer.callback_metrics)
         if trainer.is_global_zero:
-            publish_results(out_dir, metrics, task)
+            publish_results(out_dir, metrics, task, stage.output_writer(out_dir) if stage else None)
     return metrics
 
 

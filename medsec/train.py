@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from medsec import __version__
+from medsec.data.datamodule import build_datamodule
+from medsec.errors import ConfigError
 from medsec.utils.callbacks import LogSampleImages, StoreRunInfo
 from medsec.utils.config import CONFIG_DIR, register_resolvers
 from medsec.utils.ddp import job_scope
@@ -32,7 +34,10 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     out_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, out_dir)
 
-    datamodule = instantiate(cfg.data)
+    stage = instantiate(cfg.crypto) if cfg.get("crypto") else None
+    if stage is not None and cfg.get("log_images"):
+        raise ConfigError("log_images=true would send decrypted images to the loggers; it is refused with crypto")
+    datamodule = build_datamodule(cfg.data, stage)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task = instantiate(task_cfg, _convert_="all", **datamodule.task_info())
     task.initialize_weights()
@@ -41,13 +46,16 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     callbacks.append(StoreRunInfo({
         "task_target": task_cfg["_target_"],
         "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "crypto": OmegaConf.to_container(cfg.crypto, resolve=True) if stage else None,  # key reference only
         "medsec_version": __version__,
     }))
     if cfg.get("log_images"):
         callbacks.append(LogSampleImages())
     loggers = instantiate_list(cfg.get("logger"))
     with job_scope():
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        checkpoint_io = stage.checkpoint_io() if stage else None
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                                         plugins=[checkpoint_io] if checkpoint_io else None)
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved_config(cfg))
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -59,7 +67,7 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
         metrics = collect_metrics(fit_metrics, trainer.callback_metrics)
         if trainer.is_global_zero:
-            publish_results(out_dir, metrics, task)
+            publish_results(out_dir, metrics, task, stage.output_writer(out_dir) if stage else None)
     return metrics
 
 

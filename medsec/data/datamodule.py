@@ -160,3 +160,13 @@ class MedicalDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def build_datamodule(cfg: Any, stage: Any = None) -> MedicalDataModule:
+    """Instantiate the ``data`` config; a security stage (``crypto=...``) wraps its source."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg)
+    if stage is not None:
+        datamodule.source = stage.wrap(datamodule.source)
+    return datamodule

@@ -1,6 +1,8 @@
 """The contract every data source fulfils, and helpers they share."""
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ class SourceData:
 
     def class_counts(self) -> list[int] | None:
         """Training examples per class (multi-class data), e.g. for balanced class weights."""
-        if self.train_class_counts is not None or self.multilabel:
+        if self.train_class_counts is not None or self.multilabel or "label" not in self.splits["train"][0]:
             return self.train_class_counts
         labels = np.asarray([int(r["label"]) for r in self.splits["train"]])
         return np.bincount(labels, minlength=self.num_classes).tolist()
@@ -56,6 +58,18 @@ class SourceData:
 
 class DataSource(ABC):
     """Reads one kind of data set and returns :class:`SourceData`. Knows nothing of training."""
+
+    location_fields: tuple[str, ...] = ("root", "path", "file", "csv", "image_dir", "download")
+    """Attributes that say *where* the data lives, not *what* it is: left out of :attr:`dataset_id`."""
+
+    @property
+    def dataset_id(self) -> str:
+        """A stable name for what this source reads: its kind plus a digest of its settings (not
+        of its location, so moving the data keeps the id). Encrypted stores are bound to it."""
+        kind = type(self).__name__.removesuffix("Source").lower()
+        identity = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in self.location_fields}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        return f"{kind}-{digest[:12]}"
 
     @abstractmethod
     def load(self) -> SourceData:

@@ -71,6 +71,10 @@ class MedMNISTSource(DataSource):
         self.path = Path(file).expanduser() if file else self.root / name
         self.download = download
 
+    @property
+    def dataset_id(self) -> str:
+        return f"medmnist-{self.flag}-{self.size}"
+
     def _fetch(self) -> None:
         """Download the file with the ``medmnist`` package, or raise a DataError saying why not."""
         if not self.download:

@@ -1,0 +1,55 @@
+"""AES-GCM envelopes and sealed files."""
+from __future__ import annotations
+
+import pytest
+
+from medsec.crypto.aes import cipher_for, open_sealed_bytes, seal, seal_file_bytes, unseal
+from medsec.crypto.keys import KeyRef, SecretKey, write_key_file
+from medsec.errors import ConfigError, SecurityError
+
+
+def test_envelope_round_trip_and_fresh_nonces() -> None:
+    cipher = cipher_for(SecretKey.generate(), "test")
+    a, b = seal(cipher, b"pixels", b"aad"), seal(cipher, b"pixels", b"aad")
+    assert a != b and a[:12] != b[:12] and len(a) == 12 + len(b"pixels") + 16
+    assert unseal(cipher, a, b"aad", "r") == b"pixels"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "aad", "key"])
+def test_envelope_damage_is_detected(damage: str) -> None:
+    key = SecretKey.generate()
+    cipher = cipher_for(key, "test")
+    envelope = bytearray(seal(cipher, b"x" * 100, b"aad"))
+    aad = b"aad"
+    if damage == "flip":
+        envelope[40] ^= 1
+    elif damage == "truncate":
+        del envelope[-1]
+    elif damage == "aad":
+        aad = b"other place"
+    else:
+        cipher = cipher_for(SecretKey.generate(), "test")
+    with pytest.raises(SecurityError, match="record 7 failed authentication"):
+        unseal(cipher, bytes(envelope), aad, "record 7")
+
+
+def test_aes_128_needs_no_more_than_a_128_bit_key() -> None:
+    assert cipher_for(SecretKey(bytes(16)), "t", bits=128)
+    with pytest.raises(ConfigError, match="128-bit key cannot give AES-256"):
+        cipher_for(SecretKey(bytes(16)), "t", bits=256)
+    with pytest.raises(ConfigError, match="crypto.bits must be 128 or 256"):
+        cipher_for(SecretKey(bytes(32)), "t", bits=192)
+
+
+def test_sealed_file_checks_purpose_and_key(tmp_path) -> None:
+    ref = KeyRef(file=str(write_key_file(tmp_path / "a.key", SecretKey.generate())))
+    other = KeyRef(file=str(write_key_file(tmp_path / "b.key", SecretKey.generate())))
+    blob = seal_file_bytes(b"weights", ref, "checkpoint")
+    assert open_sealed_bytes(blob, ref, "checkpoint", "f") == b"weights"
+    with pytest.raises(SecurityError, match="f holds a sealed checkpoint, not a output"):
+        open_sealed_bytes(blob, ref, "output", "f")
+    with pytest.raises(SecurityError, match="f was sealed under key id .* wrong key"):
+        open_sealed_bytes(blob, other, "checkpoint", "f")
+    header_edit = blob.replace(b'"purpose": "checkpoint"', b'"purpose": "checkpoinX"')
+    with pytest.raises(SecurityError, match="f failed authentication"):
+        open_sealed_bytes(header_edit, ref, "checkpoinX", "f")  # the header is authenticated too
