@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Transform
 
 from medsec import __version__
 from medsec.crypto.aes import cipher_for, seal, unseal
@@ -251,10 +252,11 @@ class RecordStore:
                 if hashlib.sha256(self._read_envelope(split, index)).hexdigest() != entry[3]]
 
 
-class DecryptRecordd:
+class DecryptRecordd(Transform):
     """Pipeline step that replaces ``{"record": (split, index)}`` by the decrypted record's fields.
 
-    Runs inside DataLoader workers (or once while caching, in memory): plaintext never touches disk.
+    Runs inside DataLoader workers, or once while MONAI's ``CacheDataset`` fills its in-memory cache
+    (it is a deterministic MONAI ``Transform``, so it is cached): plaintext never touches disk.
     """
 
     def __init__(self, store: RecordStore) -> None:

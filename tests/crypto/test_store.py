@@ -210,3 +210,14 @@ def test_property_round_trip_and_any_corruption(tmp_path: Path, key_ref: KeyRef,
     (path / RECORDS).write_bytes(bytes(data[: cut % len(data)]))
     with pytest.raises(SecurityError, match="is truncated"):
         RecordStore(path, key_ref)
+
+
+def test_cache_decrypts_once_in_memory(store: RecordStore, stage: AESStage) -> None:
+    source = EncryptedSource(store.path, stage.key)
+    dm = MedicalDataModule(source, batch_size=4, num_workers=0, augment=False, cache=True)
+    dm.setup()
+    (store.path / RECORDS).unlink()  # every later read would fail: the cache must serve the epoch
+    assert sum(len(b["label"]) for b in dm.val_dataloader()) == 3
+    uncached = MedicalDataModule(source, batch_size=4, num_workers=0, augment=False, cache=False)
+    with pytest.raises(DataError, match="is incomplete"):
+        uncached.setup()
