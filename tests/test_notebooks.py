@@ -80,3 +80,9 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert len(images) >= 5, f"expected the data, batch, curve, ROC and confusion figures; got {len(images)}"
         runs = list(scratch.glob("medsec-quickstart-*/train/metrics.json"))
         assert len(runs) == 1, "the quickstart did not write its run directory under the temporary folder"
+    if path.stem == "03_aes_pipeline":
+        found = re.search(r"^AES_NOTEBOOK same_as_plain=(\w+) test/auroc=([0-9.]+) key_leaks=(\d+)$", text, re.MULTILINE)
+        assert found, "the AES notebook did not print its final line"
+        assert found.group(1) == "True" and found.group(3) == "0" and float(found.group(2)) > 0.7
+        assert "one flipped bit:\n    record 3 of split 'val'" in text and "two records swapped:\n    record 0" in text
+        assert "wrong key" in text
