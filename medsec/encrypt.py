@@ -100,7 +100,7 @@ def rotate_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
     old = RecordStore(path, stage.key)
     new_key = KeyRef.from_config(cfg.new_key, field="new_key")
     m = old.manifest
-    description = {k: m.get(k) for k in ("class_names", "multilabel", "spatial_dims", "train_class_counts", "info")}
+    description = old.description
     start = time.perf_counter()
     with _progress() as progress:
         bar = progress.add_task(f"re-encrypting {old.dataset_id}", total=sum(len(v) for v in old.records.values()))
@@ -115,15 +115,20 @@ def verify_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
     """Authenticate every record; raise naming each one that fails (nothing is skipped)."""
     path = stage.store_path(instantiate(cfg.data).source) if not stage.store else stage.store
     store = RecordStore(path, stage.key)
-    failures = store.verify_digests()
+    damaged = set(store.verify_digests())
+    failures = []
     for split, index, _ in store.entries():
+        what = store.describe(split, index)
+        problems = ["its SHA-256 differs from the manifest"] if what in damaged else []
         try:
             store.read(split, index)
-        except SecurityError as err:
-            failures.append(str(err))
+        except SecurityError:
+            problems.append("it fails AES-GCM authentication")
+        if problems:
+            failures.append(f"{what}: {' and '.join(problems)}")
     if failures:
-        shown = "\n  ".join(sorted(set(failures))[:20])
-        raise SecurityError(f"store {path}: {len(set(failures))} check(s) failed:\n  {shown}")
+        shown = "\n  ".join(failures[:20])
+        raise SecurityError(f"store {path}: {len(failures)} damaged record(s):\n  {shown}")
     return _summary(path, stage.key, None)
 
 

@@ -3,8 +3,9 @@ data source that decrypts inside DataLoader workers, in memory only.
 
 Layout of a store directory::
 
-    manifest.json   format, dataset id, key id (not the key), scrypt salt, class names, and per split
-                    the records' ids, offsets, lengths and SHA-256 digests
+    manifest.json   format, dataset id, key id (not the key), scrypt salt, per split the records'
+                    offsets, lengths and SHA-256 digests, and one sealed envelope with what describes
+                    the data (record ids, which can carry patient numbers, class names and counts)
     manifest.mac    HMAC-SHA256 of manifest.json under a sub-key: a changed manifest is refused
     records.bin     the envelopes, back to back
 
@@ -16,6 +17,7 @@ place when complete, so an interrupted run leaves nothing that loads.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -95,6 +97,15 @@ def _manifest_mac(key: SecretKey, dataset_id: str, manifest: bytes) -> str:
     return hmac.new(key.derive(f"store-manifest/{dataset_id}", 32), manifest, hashlib.sha256).hexdigest()
 
 
+def _description_cipher(key: SecretKey, dataset_id: str, bits: int) -> tuple[Any, bytes]:
+    return cipher_for(key, f"store-description/{dataset_id}", bits), f"{FORMAT}/{VERSION}\0{dataset_id}".encode()
+
+
+def _seal_description(key: SecretKey, dataset_id: str, bits: int, description: Mapping[str, Any]) -> str:
+    cipher, aad = _description_cipher(key, dataset_id, bits)
+    return base64.b64encode(seal(cipher, json.dumps(description, default=str).encode(), aad)).decode()
+
+
 # ---- writing --------------------------------------------------------------------------------
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
@@ -131,15 +142,17 @@ def write_store(
     tmp.mkdir(parents=True)
     try:
         entries: dict[str, list[list[Any]]] = {}
+        ids: dict[str, list[str]] = {}
         offset = 0
         with open(tmp / RECORDS, "wb") as out:
             for split in SPLITS:
-                entries[split] = []
+                entries[split], ids[split] = [], []
                 for index, record in enumerate(splits[split]):
                     record_id = str(record["id"])
                     envelope = seal(cipher, encode_record(record), record_aad(dataset_id, split, index, record_id))
                     out.write(envelope)
-                    entries[split].append([record_id, offset, len(envelope), hashlib.sha256(envelope).hexdigest()])
+                    entries[split].append([offset, len(envelope), hashlib.sha256(envelope).hexdigest()])
+                    ids[split].append(record_id)
                     offset += len(envelope)
                     if progress:
                         progress(1)
@@ -148,7 +161,7 @@ def write_store(
         manifest = {"format": FORMAT, "version": VERSION, "dataset_id": dataset_id,
                     "algorithm": f"AES-{bits}-GCM", "bits": bits, "key_id": key.key_id, "kdf": kdf,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "medsec_version": __version__,
-                    **description, "records": entries}
+                    "records": entries, "sealed": _seal_description(key, dataset_id, bits, {**description, "ids": ids})}
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         _fsync_write(tmp / MANIFEST, body)
         _fsync_write(tmp / MAC, _manifest_mac(key, dataset_id, body).encode() + b"\n")  # written last
@@ -189,8 +202,14 @@ class RecordStore:
         mac = (self.path / MAC).read_text().strip()
         if not hmac.compare_digest(mac, _manifest_mac(key, self.dataset_id, manifest_bytes)):
             raise SecurityError(f"the manifest of store {self.path} failed authentication: it was modified")
-        self.cipher = cipher_for(key, f"store-records/{self.dataset_id}", int(manifest["bits"]))
-        self.records: dict[str, list[list[Any]]] = manifest["records"]
+        bits = int(manifest["bits"])
+        self.cipher = cipher_for(key, f"store-records/{self.dataset_id}", bits)
+        cipher, aad = _description_cipher(key, self.dataset_id, bits)
+        self.description: dict[str, Any] = json.loads(
+            unseal(cipher, base64.b64decode(manifest["sealed"]), aad, f"the description in store {self.path}"))
+        ids = self.description.pop("ids")
+        self.records: dict[str, list[list[Any]]] = {  # [id, offset, length, sha256]
+            split: [[ids[split][i], *entry] for i, entry in enumerate(entries)] for split, entries in manifest["records"].items()}
         self._check_size()
         self._fd: int | None = None
         self._pid: int | None = None
@@ -291,7 +310,7 @@ class EncryptedSource(DataSource):
         if self.expect_dataset_id and store.dataset_id != self.expect_dataset_id:
             raise SecurityError(f"store {self.store} holds data set '{store.dataset_id}', but the data config "
                                 f"describes '{self.expect_dataset_id}'")
-        m = store.manifest
+        m = store.description
         splits = {split: [{"record": (split, i), "id": entry[0]} for i, entry in enumerate(store.records[split])]
                   for split in SPLITS}
         return SourceData(splits=splits, class_names=list(m["class_names"]), multilabel=bool(m["multilabel"]),

@@ -63,6 +63,9 @@ def test_round_trip_gives_the_same_batches(name: str, tmp_path: Path, stage: AES
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["key_id"] == stage.key.load().key_id and manifest["algorithm"] == "AES-256-GCM"
     assert stage.key.load().export_hex() not in (path / MANIFEST).read_text()
+    some_id = source.load().splits["test"][0]["id"]
+    assert some_id not in (path / MANIFEST).read_text()  # ids (NIH names carry patient numbers) are sealed
+    assert RecordStore(path, stage.key).records["test"][0][0] == some_id
 
 
 def test_files_keep_their_dtype_and_affine(tmp_path: Path, stage: AESStage) -> None:
