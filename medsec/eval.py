@@ -17,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medsec.crypto.stage import AESStage, checkpoint_file
-from medsec.data.datamodule import build_datamodule
+from medsec.data.datamodule import MedicalDataModule, build_datamodule
 from medsec.errors import ConfigError
 from medsec.utils.callbacks import CHECKPOINT_KEY
 from medsec.utils.config import CONFIG_DIR, register_resolvers
@@ -45,13 +45,12 @@ def open_checkpoint(ckpt_path: str | Path, stage: AESStage | None = None) -> tup
     return payload[CHECKPOINT_KEY], source
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float | None]:
-    """Test ``cfg.ckpt_path`` and return the metrics written to ``metrics.json``."""
-    L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    save_resolved_config(cfg, out_dir)
+def load_run(cfg: DictConfig, ckpt_path: str | Path) -> tuple[L.LightningModule, MedicalDataModule, AESStage | None]:
+    """The trained task in ``ckpt_path``, its data module (the checkpoint's data config unless
+    ``cfg.data`` names one) and the security stage to read them with (``cfg.crypto``, else the one
+    the training run used)."""
     stage = instantiate(cfg.crypto) if cfg.get("crypto") else None
-    info, checkpoint = open_checkpoint(cfg.ckpt_path, stage)
+    info, checkpoint = open_checkpoint(ckpt_path, stage)
     trained_with = info.get("crypto") or {}
     if stage is None and trained_with:
         stage = instantiate(trained_with)  # trained on an encrypted store: read it the same way
@@ -65,6 +64,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float | None]:
         raise ConfigError(
             f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
             "fine-tune with `medsec train model.init_from=...` to change the class set")
+    return task, datamodule, stage
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float | None]:
+    """Test ``cfg.ckpt_path`` and return the metrics written to ``metrics.json``."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    save_resolved_config(cfg, out_dir)
+    task, datamodule, stage = load_run(cfg, cfg.ckpt_path)
     with job_scope():
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
                                          logger=instantiate_list(cfg.get("logger")))

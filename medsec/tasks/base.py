@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from torch import nn
 
@@ -49,6 +50,22 @@ class BaseTask(L.LightningModule, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def build_net(self, **data_args: Any) -> nn.Module:
+        """Instantiate ``model.net`` with the arguments the data decide (classes, channels, dims)."""
+        if "net" not in self.hparams.model:
+            raise ConfigError("model.net is missing: the model config must say which network to build")
+        return instantiate(self.hparams.model["net"], **data_args)
+
+    @staticmethod
+    def gather_rows(rows: list[Any], key: Callable[[Any], Hashable]) -> list[Any]:
+        """Rows collected on every DDP rank, in one list without the repeats DDP's sampler pads
+        with (``key`` identifies a row); the rows themselves outside DDP."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return rows
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        return list({key(row): row for part in gathered for row in part}.values())
 
     def initialize_weights(self) -> None:
         """Load ``model.pretrained`` / ``model.init_from`` and apply ``model.freeze_backbone``.

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -76,10 +74,7 @@ class ClassificationTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        if "net" not in hp.model:
-            raise ConfigError("model.net is missing: the model config must say which network to build")
-        self.net = instantiate(hp.model["net"], num_classes=hp.num_classes, in_channels=hp.in_channels,
-                               spatial_dims=hp.spatial_dims)
+        self.net = self.build_net(num_classes=hp.num_classes, in_channels=hp.in_channels, spatial_dims=hp.spatial_dims)
 
     def configure_losses(self) -> None:
         weights = self.hparams.class_weights
@@ -211,11 +206,7 @@ class ClassificationTask(BaseTask):
         }
         self.test_roc.reset()
         self.test_confmat.reset()
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.test_predictions)
-            unique = {row[0]: row for rows in gathered for row in rows}  # DDP pads with repeats
-            self.test_predictions = list(unique.values())
+        self.test_predictions = self.gather_rows(self.test_predictions, key=lambda row: row[0])
 
     def predictions_csv(self) -> bytes:
         """``test_predictions`` as CSV: id, target(s), one probability column per class."""

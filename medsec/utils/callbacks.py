@@ -77,8 +77,8 @@ class TrainThroughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        labels = batch["label"] if isinstance(batch, dict) else batch[1]
-        self._images += len(labels)
+        images = batch["image"] if isinstance(batch, dict) else batch[0]
+        self._images += len(images)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

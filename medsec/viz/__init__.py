@@ -1,4 +1,5 @@
 """PNG plots a person would rather look at than a table."""
 from medsec.viz.plots import save_classification_plots, save_sample_grid
+from medsec.viz.segmentation import overlay_png
 
-__all__ = ["save_classification_plots", "save_sample_grid"]
+__all__ = ["overlay_png", "save_classification_plots", "save_sample_grid"]
