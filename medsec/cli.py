@@ -8,7 +8,9 @@ from collections.abc import Sequence
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("medsec.train", "train a task (default: the synthetic demo) and test its best checkpoint"),
     "eval": ("medsec.eval", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
+    "attack": ("medsec.attack", "attack a checkpoint and measure robustness: attack ckpt_path=PATH attack=pgd"),
     "encrypt": ("medsec.encrypt", "encrypted record stores and keys: encrypt [action=store|rotate|verify|keygen|decrypt]"),
+    "report": ("medsec.report", "cryptographic security report of an image cipher: report cipher=aes_ctr data=chestxray14"),
 }
 
 FLAG_ALIASES = {"--rotate": "action=rotate", "--verify": "action=verify"}

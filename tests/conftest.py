@@ -29,13 +29,15 @@ TINY = [
 
 def run_verb(verb: str, overrides: Sequence[str], out: Path) -> dict:
     """Compose ``conf/<verb>.yaml`` and run the verb in-process; returns its metrics."""
+    from medsec import attack as attack_verb
     from medsec import encrypt as encrypt_verb
     from medsec import eval as eval_verb
     from medsec import train as train_verb
 
     cfg = compose_config(verb, overrides, output_dir=out)
     try:
-        return {"train": train_verb.train, "eval": eval_verb.evaluate, "encrypt": encrypt_verb.encrypt}[verb](cfg)
+        return {"train": train_verb.train, "eval": eval_verb.evaluate, "encrypt": encrypt_verb.encrypt,
+                "attack": attack_verb.attack}[verb](cfg)
     finally:
         GlobalHydra.instance().clear()
 

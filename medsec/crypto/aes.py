@@ -25,6 +25,8 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 SEALED_MAGIC = b"MEDSEC-SEALED/1\n"
 AES_BITS = (128, 256)
+IN_PLACE_BYTES = 1 << 16
+"""From this size on, envelopes are encrypted and decrypted in place (saves a copy per record)."""
 
 
 def cipher_for(key: SecretKey, purpose: str, bits: int = 256) -> AESGCM:
@@ -36,19 +38,30 @@ def cipher_for(key: SecretKey, purpose: str, bits: int = 256) -> AESGCM:
     return AESGCM(key.derive(f"aes-gcm/{purpose}", bits // 8))
 
 
-def seal(cipher: AESGCM, plaintext: bytes, aad: bytes) -> bytes:
-    """Encrypt and authenticate ``plaintext`` under a fresh random nonce."""
+def seal(cipher: AESGCM, plaintext: bytes, aad: bytes) -> bytes | bytearray:
+    """Encrypt and authenticate ``plaintext`` under a fresh random nonce. Large buffers are
+    encrypted in place into the envelope (no copy of the ciphertext)."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + cipher.encrypt(nonce, plaintext, aad)
+    if len(plaintext) < IN_PLACE_BYTES:
+        return nonce + cipher.encrypt(nonce, plaintext, aad)
+    envelope = bytearray(NONCE_BYTES + len(plaintext) + TAG_BYTES)
+    envelope[:NONCE_BYTES] = nonce
+    cipher.encrypt_into(nonce, plaintext, aad, memoryview(envelope)[NONCE_BYTES:])
+    return envelope
 
 
-def unseal(cipher: AESGCM, envelope: bytes, aad: bytes, what: str) -> bytes:
+def unseal(cipher: AESGCM, envelope: bytes | bytearray, aad: bytes, what: str) -> bytes | bytearray:
     """Decrypt an envelope; any tampering, truncation, wrong key or wrong ``aad`` raises a
     :class:`SecurityError` naming ``what``."""
     if len(envelope) < NONCE_BYTES + TAG_BYTES:
         raise SecurityError(f"{what} is truncated ({len(envelope)} bytes, shorter than an AES-GCM envelope)")
+    view = memoryview(envelope)
     try:
-        return cipher.decrypt(envelope[:NONCE_BYTES], envelope[NONCE_BYTES:], aad)
+        if len(envelope) < IN_PLACE_BYTES:
+            return cipher.decrypt(view[:NONCE_BYTES], view[NONCE_BYTES:], aad)
+        plaintext = bytearray(len(envelope) - NONCE_BYTES - TAG_BYTES)
+        cipher.decrypt_into(view[:NONCE_BYTES], view[NONCE_BYTES:], aad, plaintext)
+        return plaintext
     except InvalidTag:
         raise SecurityError(f"{what} failed authentication: it was modified, truncated, moved from "
                             "another place, or the key is wrong") from None

@@ -1,6 +1,9 @@
 """LightningModules, one per problem. They know nothing of file formats."""
 from medsec.tasks.base import BaseTask
 from medsec.tasks.classification import ClassificationTask
+from medsec.tasks.deepkeygen import DeepKeyGenTask
+from medsec.tasks.encipher_gan import EncipherGANTask
+from medsec.tasks.gan import GANTask
 from medsec.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "ClassificationTask", "SegmentationTask"]
+__all__ = ["BaseTask", "ClassificationTask", "DeepKeyGenTask", "EncipherGANTask", "GANTask", "SegmentationTask"]

@@ -53,3 +53,13 @@ def test_sealed_file_checks_purpose_and_key(tmp_path) -> None:
     header_edit = blob.replace(b'"purpose": "checkpoint"', b'"purpose": "checkpoinX"')
     with pytest.raises(SecurityError, match="f failed authentication"):
         open_sealed_bytes(header_edit, ref, "checkpoinX", "f")  # the header is authenticated too
+
+
+def test_large_envelopes_are_sealed_in_place_and_still_checked() -> None:
+    cipher = cipher_for(SecretKey.generate(), "test")
+    data = bytes(range(256)) * 1024  # 256 KiB: the in-place path
+    envelope = seal(cipher, data, b"aad")
+    assert len(envelope) == len(data) + 28 and bytes(unseal(cipher, envelope, b"aad", "big")) == data
+    envelope[100_000] ^= 1
+    with pytest.raises(SecurityError, match="big failed authentication"):
+        unseal(cipher, envelope, b"aad", "big")
