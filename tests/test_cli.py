@@ -25,8 +25,10 @@ def test_train_help_is_hydra_help() -> None:
     result = medsec_cli("train", "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "== Configuration groups ==" in result.stdout
-    for group in ("data: chestxray14, folder, medmnist, synthetic", "trainer: cpu, ddp, ddp_sim"):
-        assert group in result.stdout
+    groups = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line and "," in line)
+    assert {"chestxray14", "decathlon", "folder", "medmnist", "synthetic"} <= set(groups["data"].split(", "))
+    assert {"cpu", "gpu", "ddp", "ddp_sim"} <= set(groups["trainer"].split(", "))
+    assert {"aes"} <= set(groups["crypto"].split(", ")) and "pgd_at" in groups["defense"]
 
 
 def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
