@@ -96,7 +96,7 @@ def make_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
 
 def rotate_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
     """Re-encrypt the store under ``new_key``; the old store stays in place until the new one is whole."""
-    path = stage.store_path(instantiate(cfg.data).source) if not stage.store else stage.store
+    path = stage.store_path(instantiate(cfg.data).source)
     old = RecordStore(path, stage.key)
     new_key = KeyRef.from_config(cfg.new_key, field="new_key")
     m = old.manifest
@@ -107,13 +107,14 @@ def rotate_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
         splits = {split: old.iter_split(split) for split in SPLITS}
         write_store(path, splits, dataset_id=old.dataset_id, description=description, key_ref=new_key,
                     bits=int(m["bits"]), overwrite=True, progress=lambda n: progress.advance(bar, n))
-    log.info("store %s now under key id %s (was %s)", path, RecordStore(path, new_key).manifest["key_id"], m["key_id"])
-    return _summary(path, new_key, time.perf_counter() - start)
+    summary = _summary(path, new_key, time.perf_counter() - start)
+    log.info("store %s now under key id %s (was %s)", path, summary["key_id"], m["key_id"])
+    return summary
 
 
 def verify_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
     """Authenticate every record; raise naming each one that fails (nothing is skipped)."""
-    path = stage.store_path(instantiate(cfg.data).source) if not stage.store else stage.store
+    path = stage.store_path(instantiate(cfg.data).source)
     store = RecordStore(path, stage.key)
     damaged = set(store.verify_digests())
     failures = []
