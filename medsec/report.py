@@ -68,7 +68,7 @@ def histogram_tests(cipher_images: np.ndarray, alpha: float) -> dict[str, dict[s
     threshold, critical = M.entropy_threshold(pixels, alpha), M.chi_square_critical(alpha)
     return {
         "entropy": summarise(entropy, entropy >= threshold, alpha, ideal=8.0, threshold=threshold,
-                             criterion=f"entropy >= {threshold:.4f} bits (G-test, 255 d.o.f.)"),
+                             criterion=f"entropy >= {threshold:.4f} bits ({alpha:g} quantile of uniform images)"),
         "chi_square": summarise(chi2, chi2 <= critical, alpha, ideal=float(M.F), threshold=critical,
                                 criterion=f"chi-square <= {critical:.2f} (uniform histogram, 255 d.o.f.)"),
     }

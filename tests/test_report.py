@@ -43,7 +43,9 @@ def test_aes_ctr_passes_every_test_on_real_chest_xrays(tmp_path: Path) -> None:
 
 
 def test_report_writes_json_and_plots_and_no_key(tmp_path: Path) -> None:
-    key_file = write_key_file(tmp_path / "keys" / "report.key", SecretKey.generate())
+    # A fixed key: the chaotic cipher is deterministic in it, so the statistical verdicts are reproducible
+    # (a fresh random key fails the 5 % entropy test now and then, as a 5 % test should).
+    key_file = write_key_file(tmp_path / "keys" / "report.key", SecretKey(bytes(range(32))))
     run_dir = tmp_path / "run"
     result = run_report(["cipher=chaotic", *SYNTHETIC, "+key.source=file", f"+key.file={key_file}"], run_dir)
     saved = json.loads((run_dir / "security_report.json").read_text())
