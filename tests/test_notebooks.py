@@ -99,3 +99,14 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert found and 0 < float(found.group(1)) <= 1, "the segmentation notebook did not report a test Dice"
     if path.stem == "05_learned_ciphers":
         assert "CIPHERS_NOTEBOOK aes_ctr_failed=0 chaotic_failed=0 deepkeygen_fails_npcr=True" in text
+    if path.stem == "06_denoising_and_compression":
+        found = re.search(r"^DENOISING test/psnr_gaussian_0.15=([0-9.]+) noisy=([0-9.]+)$", text, re.MULTILINE)
+        assert found, "the denoising notebook did not print its final line"
+        assert float(found.group(1)) > float(found.group(2)), "the trained denoiser did not improve on its noisy input"
+    if path.stem == "08_secure_compression":
+        found = re.search(r"^COMPRESSION_NOTEBOOK bpp=([0-9.]+) psnr=([0-9.]+) jpeg_bpp=([0-9.]+) jpeg_psnr=[0-9.]+ "
+                          r"rejected=(\d+)/(\d+)$", text, re.MULTILINE)
+        assert found, "the secure-compression notebook did not print its final line"
+        assert found.group(4) == found.group(5) == "4", "a tampered, replayed, cut or wrongly keyed packet was accepted"
+        assert 0 < float(found.group(1)) < 8 and float(found.group(2)) > 10  # compressed, and still an image
+        assert "failed authentication" in text and "wrong key" in text
