@@ -10,11 +10,15 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("medsec.eval", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
     "attack": ("medsec.attack", "attack a checkpoint and measure robustness: attack ckpt_path=PATH attack=pgd"),
     "encrypt": ("medsec.encrypt", "encrypted record stores and keys: encrypt [action=store|rotate|verify|keygen|decrypt]"),
+    "he": ("medsec.he", "homomorphic (CKKS) inference on a checkpoint's test split: he ckpt_path=PATH [mode=latency] [--remote URL]"),
+    "serve": ("medsec.serve", "HTTP service classifying CKKS ciphertexts: serve ckpt_path=PATH [port=8000]"),
     "report": ("medsec.report", "cryptographic security report of an image cipher: report cipher=aes_ctr data=chestxray14"),
 }
 
 FLAG_ALIASES = {"--rotate": "action=rotate", "--verify": "action=verify"}
 """Flags some verbs accept as a shorthand for a Hydra override."""
+VALUE_FLAGS = {"--remote": "remote"}
+"""Flags followed by a value that some verbs accept as a shorthand for ``key=value``."""
 
 USAGE = """usage: medsec <verb> [hydra overrides ...]
 
@@ -35,6 +39,19 @@ def usage() -> str:
     return USAGE.format(verbs="\n".join(f"  {v:<{width}}  {help_}" for v, (_, help_) in VERBS.items()))
 
 
+def value_flags(args: Sequence[str]) -> list[str]:
+    """``--remote URL`` (or ``--remote=URL``) as the override ``remote=URL``."""
+    out, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag in VALUE_FLAGS and (eq or rest):
+            out.append(f"{VALUE_FLAGS[flag]}={value if eq else rest.pop(0)}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -45,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medsec: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    overrides = [FLAG_ALIASES.get(arg, arg) for arg in overrides]
+    overrides = [FLAG_ALIASES.get(arg, arg) for arg in value_flags(overrides)]
     sys.argv = [f"medsec {verb}", *overrides]  # Hydra reads its overrides from sys.argv
     module.main()
     return 0

@@ -32,12 +32,13 @@ def run_verb(verb: str, overrides: Sequence[str], out: Path) -> dict:
     from medsec import attack as attack_verb
     from medsec import encrypt as encrypt_verb
     from medsec import eval as eval_verb
+    from medsec import he as he_verb
     from medsec import train as train_verb
 
     cfg = compose_config(verb, overrides, output_dir=out)
     try:
         return {"train": train_verb.train, "eval": eval_verb.evaluate, "encrypt": encrypt_verb.encrypt,
-                "attack": attack_verb.attack}[verb](cfg)
+                "attack": attack_verb.attack, "he": he_verb.homomorphic}[verb](cfg)
     finally:
         GlobalHydra.instance().clear()
 

@@ -97,6 +97,10 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         found = re.search(r"^SEGMENTATION test/dice_mean=([0-9.]+)$", text, re.MULTILINE)
         # fast mode trains a few steps only: the check is that training, testing and eval ran through
         assert found and 0 < float(found.group(1)) <= 1, "the segmentation notebook did not report a test Dice"
+    if path.stem == "04_homomorphic_inference":
+        found = re.search(r"^HE_NOTEBOOK agreement=([0-9.]+) max_error=([0-9.e+-]+) server_secret=(\w+)$", text, re.MULTILINE)
+        assert found, "the HE notebook did not print its final line"
+        assert float(found.group(1)) == 1.0 and float(found.group(2)) < 0.01 and found.group(3) == "False"
     if path.stem == "05_learned_ciphers":
         assert "CIPHERS_NOTEBOOK aes_ctr_failed=0 chaotic_failed=0 deepkeygen_fails_npcr=True" in text
     if path.stem == "06_denoising_and_compression":

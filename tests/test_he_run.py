@@ -1,0 +1,47 @@
+"""`medsec he` end to end: train a tiny he_cnn on synthetic images, classify them under CKKS."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medsec.errors import ConfigError
+from tests.conftest import run_verb
+
+HE_TINY = [
+    "model=he_cnn", "model.net.image_size=12", "model.net.kernel_size=3", "model.net.stride=3",
+    "model.net.channels=2", "model.net.hidden=[4]",
+    "data.source.num_samples=[64,16,32]", "data.source.image_size=12", "data.source.num_classes=2",
+    "data.num_workers=0", "data.batch_size=32", "trainer.max_epochs=1",
+    "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "test=false",
+]
+
+
+@pytest.fixture(scope="module")
+def he_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("he_train")
+    run_verb("train", HE_TINY, out)
+    return out / "checkpoints" / "best.ckpt"
+
+
+def test_he_throughput_report(he_checkpoint: Path, tmp_path: Path) -> None:
+    report = run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=throughput", "max_images=16",
+                             "calibration_images=64"], tmp_path)
+    assert json.loads((tmp_path / "he_report.json").read_text()) == report
+    assert (tmp_path / "plots" / "he_logits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["images"] == 16 and report["mode"] == "throughput"
+    assert report["argmax_agreement"] == 1.0 and report["max_abs_logit_error"] < 2.0 ** -8
+    assert report["encrypted"]["acc"] == pytest.approx(report["plaintext"]["acc"])
+    assert report["encrypted"]["auroc"] == pytest.approx(report["plaintext"]["auroc"], abs=0.005)
+    assert report["server_context_has_secret_key"] is False
+    assert report["params"]["poly_modulus_degree"] == 8192 and report["params"]["depth"] == 5
+    # one ciphertext per pixel (144) for the batch of 16 images
+    assert report["ciphertext_bytes_per_image"] * 16 > 144 * 10_000
+    for key in ("ms_per_image", "ms_per_image_server", "public_context_bytes", "peak_memory_mib"):
+        assert report[key] > 0
+
+
+def test_he_rejects_an_unknown_mode(he_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=fast"], tmp_path)
