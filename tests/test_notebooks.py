@@ -114,3 +114,12 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert found.group(4) == found.group(5) == "4", "a tampered, replayed, cut or wrongly keyed packet was accepted"
         assert 0 < float(found.group(1)) < 8 and float(found.group(2)) > 10  # compressed, and still an image
         assert "failed authentication" in text and "wrong key" in text
+    if path.stem == "09_perceptual_encryption":
+        found = re.search(r"^PERCEPTUAL_NOTEBOOK exact=(\w+) jpeg_ratio_16=([0-9.]+) plain_auroc=([0-9.]+) "
+                          r"encrypted_auroc=([0-9.]+) same_key=(\w+) wrong_key_auroc=([0-9.]+) key_leaks=(\d+)$",
+                          text, re.MULTILINE)
+        assert found, "the perceptual-encryption notebook did not print its final line"
+        assert found.group(1) == found.group(5) == "True" and found.group(7) == "0"
+        assert float(found.group(2)) < 1.1  # 16x16 EtC blocks keep the JPEG size
+        images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+        assert len(images) >= 2, "expected the plain/encrypted/decrypted grid and the per-step figure"
