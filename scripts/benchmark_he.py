@@ -137,8 +137,9 @@ def render(trained: dict, thr: dict, lat: dict, load: dict, args: argparse.Names
         f"Machine: {machine_summary()}. Shared with other jobs during the run: timings are upper bounds.", "",
         f"Model: `experiment=pneumoniamnist_he_cnn` (conv 4x7x7 stride 3 -> square -> linear 256->32 -> square -> "
         f"linear 32->2), trained in {train_s / 60:.1f} min; plaintext test acc {trained.get('test/acc', float('nan')):.4f}, "
-        f"AUROC {trained.get('test/auroc', float('nan')):.4f}. Parameters from the planner (precision 12 bits); "
-        "latency mode needs one level more (TenSEAL's `pack_vectors`), hence its larger ring.", "",
+        f"AUROC {trained.get('test/auroc', float('nan')):.4f}. Parameters from the planner (precision 12 bits). "
+        "Latency mode: one ciphertext per image, every layer a baby-step/giant-step diagonal product "
+        "(`medsec.crypto.he.diagonal`); its ms/image includes encoding the model's diagonals once per session.", "",
         "| mode | images | N | coeff moduli (bits) | plaintext acc / AUROC | encrypted acc / AUROC | argmax agreement % | "
         "max logit error | ms/image end-to-end | ms/image server | upload KiB/image | public context MiB | peak RSS MiB |",
         "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",

@@ -42,6 +42,14 @@ def test_he_throughput_report(he_checkpoint: Path, tmp_path: Path) -> None:
         assert report[key] > 0
 
 
+def test_he_latency_report(he_checkpoint: Path, tmp_path: Path) -> None:
+    report = run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=latency", "max_images=3",
+                             "calibration_images=64"], tmp_path)
+    assert report["images"] == 3 and report["mode"] == "latency"
+    assert report["argmax_agreement"] == 1.0 and report["max_abs_logit_error"] < 2.0 ** -8
+    assert report["params"]["depth"] == 5  # no extra level: the diagonal products rescale once per layer
+
+
 def test_he_rejects_an_unknown_mode(he_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mode must be one of"):
         run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=fast"], tmp_path)

@@ -4,8 +4,9 @@
   per pixel; each layer is a plaintext-weighted sum of ciphertexts (zeros skipped, one rescale
   per output) or a square, evaluated with SEAL's evaluator directly: a thousand images cost
   the same as one.
-- ``latency``: one image per ciphertext (TenSEAL's im2col convolution, then vector-matrix
-  products with rotations), for a single urgent image.
+- ``latency``: one image per ciphertext, its pixels repeated over the slots; every layer (the
+  convolution included, as a dense matrix) is a diagonal matrix-vector product with baby and
+  giant steps (:mod:`medsec.crypto.he.diagonal`): a few dozen rotations per image.
 """
 from __future__ import annotations
 
@@ -17,13 +18,8 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from medsec.crypto.he.compiler import HEProgram, Layer
-from medsec.crypto.he.wire import (
-    HEInputError,
-    ciphertext_from_bytes,
-    ciphertext_to_bytes,
-    load_public_context,
-    vector_from_bytes,
-)
+from medsec.crypto.he.diagonal import DiagonalPlan, plan_layer
+from medsec.crypto.he.wire import HEInputError, ciphertext_from_bytes, ciphertext_to_bytes, load_public_context
 from medsec.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,6 +38,8 @@ class HEServer:
             raise HEInputError("context", f"its modulus chain allows {self.levels} rescales, the model needs "
                                           f"{program.depth}")
         self.slots = first.parms().poly_modulus_degree() // 2
+        self._plans: list[DiagonalPlan | None] | None = None
+        self._plaintexts: dict[tuple, sealapi.Plaintext] = {}  # encoded diagonals, reused across requests
         log.info("public context loaded (%d slots, %d levels; no secret key)", self.slots, self.levels)
 
     def evaluate(self, mode: str, blobs: Sequence[bytes]) -> list[bytes]:
@@ -66,30 +64,18 @@ class HEServer:
     def _latency(self, blobs: Sequence[bytes]) -> list[bytes]:
         if not self.context.has_galois_keys():
             raise HEInputError("context", "latency mode needs Galois keys (rotations); the context has none")
-        if self.levels < self.program.levels("latency"):
-            raise HEInputError("context", f"its modulus chain allows {self.levels} rescales, latency mode needs "
-                                          f"{self.program.levels('latency')}")
-        channels = self.program.input_shape[0]
-        size = self.program.im2col_size()
-        if not blobs or len(blobs) % channels:
-            raise HEInputError("ciphertexts", f"expected a multiple of {channels} im2col vectors (one per channel "
-                                              f"and image), got {len(blobs)}")
-        vectors = [vector_from_bytes(self.context, blob, f"ciphertexts[{i}]", size) for i, blob in enumerate(blobs)]
-        return [self._latency_one(vectors[i:i + channels]).serialize() for i in range(0, len(vectors), channels)]
-
-    def _latency_one(self, channels: list[ts.CKKSVector]) -> ts.CKKSVector:
-        conv, windows = self.program.conv, self.program.windows()
-        bias = conv.bias.reshape(len(conv.kernel), windows)[:, 0]  # no padding: one bias per channel
-        maps = []
-        for out, weights in enumerate(conv.kernel):
-            total = channels[0].conv2d_im2col(weights[0].tolist(), windows)
-            for vector, kernel in zip(channels[1:], weights[1:]):
-                total = total + vector.conv2d_im2col(kernel.tolist(), windows)
-            maps.append(total + float(bias[out]))
-        x = ts.CKKSVector.pack_vectors(maps)
-        for layer in self.program.layers[1:]:
-            x = x.square() if layer.kind == "square" else x.mm(layer.matrix.tolist()) + layer.bias.tolist()
-        return x
+        if not blobs:
+            raise HEInputError("ciphertexts", "expected one ciphertext per image, got none")
+        if self._plans is None:
+            self._plans = self.program.diagonal_plans(self.slots)
+        values = [ciphertext_from_bytes(self.context, blob, f"ciphertexts[{i}]") for i, blob in enumerate(blobs)]
+        kernel = RotationKernel(self.context, self._plaintexts)
+        out = []
+        for value in values:
+            for plan in self._plans:
+                value = kernel.square([value])[0] if plan is None else plan.apply(value, kernel)
+            out.append(ciphertext_to_bytes(value))
+        return out
 
 
 class SlotKernel:
@@ -137,3 +123,44 @@ class SlotKernel:
             self.evaluator.rescale_to_next_inplace(result)
             out.append(result)
         return out
+
+
+class RotationKernel(SlotKernel):
+    """:class:`~medsec.crypto.he.diagonal.VectorOps` on SEAL ciphertexts, with the plaintext
+    diagonals encoded once per layer and level and kept in ``cache``."""
+
+    def __init__(self, context: ts.Context, cache: dict[tuple, sealapi.Plaintext]) -> None:
+        super().__init__(context)
+        self.galois_keys = context.galois_keys().data
+        self.cache = cache
+
+    def _plain(self, key: tuple, values: np.ndarray, like: sealapi.Ciphertext, scale: float) -> sealapi.Plaintext:
+        key = (*key, tuple(like.parms_id()))
+        if key not in self.cache:
+            plain = sealapi.Plaintext()
+            self.encoder.encode(values.tolist(), like.parms_id(), scale, plain)
+            self.cache[key] = plain
+        return self.cache[key]
+
+    def rotate(self, v: sealapi.Ciphertext, steps: int) -> sealapi.Ciphertext:
+        out = sealapi.Ciphertext()
+        self.evaluator.rotate_vector(v, steps, self.galois_keys, out)
+        return out
+
+    def multiply_plain(self, v: sealapi.Ciphertext, key: tuple, values: np.ndarray) -> sealapi.Ciphertext:
+        out = sealapi.Ciphertext()
+        self.evaluator.multiply_plain(v, self._plain(key, values, v, self.scale), out)
+        return out
+
+    def add(self, a: sealapi.Ciphertext, b: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        out = sealapi.Ciphertext()
+        self.evaluator.add(a, b, out)
+        return out
+
+    def rescale(self, v: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        self.evaluator.rescale_to_next_inplace(v)
+        return v
+
+    def add_plain(self, v: sealapi.Ciphertext, key: tuple, values: np.ndarray) -> sealapi.Ciphertext:
+        self.evaluator.add_plain_inplace(v, self._plain(key, values, v, v.scale))
+        return v

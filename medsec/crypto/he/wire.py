@@ -116,14 +116,3 @@ def ciphertext_from_bytes(context: ts.Context, data: bytes, field: str) -> seala
     if ciphertext.size() != 2 or ciphertext.parms_id() != seal_context.first_parms_id():
         raise HEInputError(field, "not a fresh ciphertext at the top level of the uploaded context's modulus chain")
     return ciphertext
-
-
-def vector_from_bytes(context: ts.Context, data: bytes, field: str, size: int) -> ts.CKKSVector:
-    """Load one TenSEAL CKKS vector of ``size`` values against ``context``."""
-    try:
-        vector = ts.ckks_vector_from(context, data)
-    except Exception as err:
-        raise HEInputError(field, f"not a CKKS vector for the uploaded context ({type(err).__name__}: {err})") from None
-    if vector.size() != size:
-        raise HEInputError(field, f"holds {vector.size()} values, expected {size}")
-    return vector
