@@ -54,6 +54,15 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def learned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run trained long enough to classify well above chance (test accuracy about 0.8):
+    attacks need a model with something to lose."""
+    out = tmp_path_factory.mktemp("learned")
+    run_verb("train", [*TINY, "trainer.max_epochs=10"], out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny multi-class training run shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("trained")

@@ -11,8 +11,8 @@ from tests.conftest import TINY, medsec_cli, run_verb
 SMALL = ["max_images=64", "train_images=64"]
 
 
-def test_attack_verb_writes_report_table_and_plots(trained_run: Path, tmp_path: Path) -> None:
-    ckpt = trained_run / "checkpoints" / "best.ckpt"
+def test_attack_verb_writes_report_table_and_plots(learned_run: Path, tmp_path: Path) -> None:
+    ckpt = learned_run / "checkpoints" / "best.ckpt"
     report = run_verb("attack", [f"ckpt_path={ckpt}", "attack=fgsm", "attack.eps=[2/255,8/255]",
                                  "defenses=[none,median]", "detector=true", *SMALL], tmp_path)
     assert report["threat"] == "white-box" and report["kind"] == "multiclass"
@@ -28,9 +28,9 @@ def test_attack_verb_writes_report_table_and_plots(trained_run: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_transfer_from_a_surrogate(trained_run: Path, tmp_path: Path) -> None:
+def test_transfer_from_a_surrogate(learned_run: Path, tmp_path: Path) -> None:
     run_verb("train", [*TINY, "seed=7", "trainer.max_epochs=1"], tmp_path / "surrogate")
-    report = run_verb("attack", [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+    report = run_verb("attack", [f"ckpt_path={learned_run / 'checkpoints' / 'best.ckpt'}",
                                  f"surrogate_ckpt_path={tmp_path / 'surrogate' / 'checkpoints' / 'best.ckpt'}",
                                  "attack.eps=[8/255]", "attack.steps=3", *SMALL], tmp_path / "attack")
     assert report["threat"] == "transfer (black-box)" and report["surrogate"].endswith("best.ckpt")

@@ -32,7 +32,7 @@ class TaskAdapter(nn.Module):
         super().__init__()
         self.task = task
         if freeze:  # evaluation: fixed weights, no gradients for them
-            task.eval()
+            self.eval()  # the adapter too: torchattacks restores the mode it finds on the adapter
             task.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

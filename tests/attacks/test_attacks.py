@@ -21,8 +21,8 @@ SMALL_CNN = {"net": {"_target_": "medsec.models.classifiers.small_cnn", "width":
 
 
 @pytest.fixture(scope="module")
-def trained(trained_run: Path) -> ClassificationTask:
-    return ClassificationTask.load_from_checkpoint(trained_run / "checkpoints" / "best.ckpt", map_location="cpu")
+def trained(learned_run: Path) -> ClassificationTask:
+    return ClassificationTask.load_from_checkpoint(learned_run / "checkpoints" / "best.ckpt", map_location="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,11 @@ def test_every_attack_lowers_accuracy_within_its_budget(name: str, trained: Clas
         attack.fit([(images, labels)])
     (row,), _ = run_attack(victim, attack, [(images, labels)])
     assert row["adversarial"] < row["clean"], row
+    # the victim stays in evaluation mode (dropout off, batch-norm running statistics): the clean
+    # score is the model's own accuracy
+    assert not victim.training and not trained.training
+    with torch.no_grad():
+        assert row["clean"] == pytest.approx((trained(images).argmax(1) == labels).float().mean().item())
     assert row["images"] == len(images) and 0 <= row["ssim"] <= 1
     adversarial = attack(images, labels)
     assert adversarial.min() >= 0 and adversarial.max() <= 1
