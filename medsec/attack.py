@@ -50,7 +50,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [f"# Robustness of `{report['checkpoint']}`", "",
              f"Threat model: {report['threat']}" + (f" (surrogate `{report['surrogate']}`)" if report["surrogate"] else "")
              + f"; targeted: {report['targeted'] or 'no'}; {report['rows'][0]['images']} test images.", "",
-             "| attack | eps | defence | clean | adversarial | degradation % | success % | L-inf | L2 | SSIM | PSNR dB | ms/image | detection AUC |",
+             "| attack | eps | defence | clean | adversarial | degradation % | success % | L-inf | L2 | SSIM | PSNR dB | ms/image | detection AUC (fooled / all) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(value: Any, digits: int = 3) -> str:
@@ -61,8 +61,15 @@ def markdown_table(report: dict[str, Any]) -> str:
         success = None if r["success_rate"] is None else 100 * r["success_rate"]
         lines.append(f"| {r['attack']} | {eps} | {r['defense']} | {f(r['clean'])} | {f(r['adversarial'])} | "
                      f"{f(r['degradation_pct'], 1)} | {f(success, 1)} | {f(r['linf'], 4)} | {f(r['l2'], 3)} | "
-                     f"{f(r['ssim'])} | {f(r['psnr'], 1)} | {f(r['ms_per_image'], 1)} | {f(r.get('detection_auc'))} |")
+                     f"{f(r['ssim'])} | {f(r['psnr'], 1)} | {f(r['ms_per_image'], 1)} | {detection_cell(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def detection_cell(row: dict[str, Any]) -> str:
+    """``AUC on fooled pairs / AUC on all images (pairs)``, or ``-`` without a detector."""
+    if row.get("detection_auc") is None:
+        return "-"
+    return f"{row['detection_auc']:.3f} / {row['detection_auc_all']:.3f} ({row['detection_pairs']} pairs)"
 
 
 def attack(cfg: DictConfig) -> dict[str, Any]:
@@ -90,8 +97,10 @@ def attack(cfg: DictConfig) -> dict[str, Any]:
         new_rows, sample = run_attack(victim, configured, batches, targeted=cfg.targeted, defenses=list(cfg.defenses),
                                       seed=cfg.seed, keep_images=cfg.detector)
         if cfg.detector:
-            reference = torch.cat([images for images, _ in train_batches])
-            new_rows[0]["detection_auc"] = detection_auc(victim, reference, sample["all_clean"], sample["all_adversarial"])
+            reference, reference_labels = (torch.cat(parts) for parts in zip(*train_batches))
+            detection = detection_auc(victim, reference, reference_labels, sample["all_clean"],
+                                      sample["all_adversarial"], sample["all_target"])
+            new_rows[0] |= {f"detection_{key}": value for key, value in detection.items()}
         rows += new_rows
         log.info("%s eps=%s: %s %.3f -> %.3f", name, eps, new_rows[0]["metric"], new_rows[0]["clean"],
                  new_rows[0]["adversarial"])

@@ -19,7 +19,7 @@ def test_attack_verb_writes_report_table_and_plots(learned_run: Path, tmp_path: 
     rows = report["rows"]
     assert [(round(r["eps"] * 255), r["defense"]) for r in rows] == [(2, "none"), (2, "median"), (8, "none"), (8, "median")]
     assert rows[2]["adversarial"] <= rows[0]["adversarial"] <= rows[0]["clean"]
-    assert rows[2]["linf"] == pytest.approx(8 / 255, abs=1e-6) and 0 <= rows[0]["detection_auc"] <= 1
+    assert rows[2]["linf"] == pytest.approx(8 / 255, abs=1e-6) and 0 <= rows[0]["detection_auc_all"] <= 1
     assert json.loads((tmp_path / "robustness.json").read_text())["rows"] == rows
     table = (tmp_path / "robustness.md").read_text()
     assert "| fgsm | 2/255 | none |" in table and "| fgsm | 8/255 | median |" in table

@@ -78,7 +78,7 @@ def run_attack(victim: TaskAdapter, attack: Attack, batches: Batches, *, targete
     targets, success = [], {d: [] for d in defenses}
     linf, l2, ssim, psnr, seconds = [], [], [], [], 0.0
     sample: dict[str, torch.Tensor] = {}
-    kept: dict[str, list[torch.Tensor]] = {"all_clean": [], "all_adversarial": []}
+    kept: dict[str, list[torch.Tensor]] = {"all_clean": [], "all_adversarial": [], "all_target": []}
     for images, target in batches:
         goal = attack_targets(targeted, victim, images, target, generator)
         start = time.perf_counter()
@@ -94,6 +94,7 @@ def run_attack(victim: TaskAdapter, attack: Attack, batches: Batches, *, targete
         if keep_images:
             kept["all_clean"].append(images)
             kept["all_adversarial"].append(adversarial)
+            kept["all_target"].append(target)
         with torch.no_grad():
             for name, transform in transforms.items():
                 clean_in = transform(images) if transform else images
