@@ -166,7 +166,7 @@ def goals(rows: list[dict[str, Any]], cost: dict[str, float]) -> list[str]:
                        "at this epsilon on 28x28 images the goal is out of reach for this model.")
     if standard and standard.get("detection_auc") is not None:
         auc = standard["detection_auc"]
-        out.append(f"- LID/KD detector AUC against PGD at 2/255: {auc:.3f} on the {standard['detection_pairs']} "
+        out.append(f"- Detector (LID, KD, confidence, squeezing) AUC against PGD at 2/255: {auc:.3f} on the {standard['detection_pairs']} "
                    f"correctly classified test images whose attack succeeded, against their adversarial examples "
                    f"(Ma et al. 2018's protocol; goal >= {GOAL_DETECTOR}): {'met' if auc >= GOAL_DETECTOR else '**MISSED**'}. "
                    f"Over every attacked image, failed attacks included: {standard['detection_auc_all']:.3f}.")
