@@ -134,7 +134,7 @@ def render(trained: dict, thr: dict, lat: dict, load: dict, args: argparse.Names
         "## Homomorphic inference (TenSEAL CKKS, issue 5)", "",
         f"Command: `python scripts/benchmark_he.py --latency-images {args.latency_images} --clients {args.clients} "
         f"--load-seconds {args.load_seconds:g}`", "",
-        f"Machine: {machine_summary()}. Shared with other jobs during the run: timings are upper bounds.", "",
+        f"Machine: {machine_summary()}.", "",
         f"Model: `experiment=pneumoniamnist_he_cnn` (conv 4x7x7 stride 3 -> square -> linear 256->32 -> square -> "
         f"linear 32->2), trained in {train_s / 60:.1f} min; plaintext test acc {trained.get('test/acc', float('nan')):.4f}, "
         f"AUROC {trained.get('test/auroc', float('nan')):.4f}. Parameters from the planner (precision 12 bits). "
