@@ -1,8 +1,8 @@
 """An adversarial-example detector on what the model computes: local intrinsic dimensionality at
 every backbone layer (Ma et al. 2018), class-conditional kernel density of the penultimate features
 (Feinman et al. 2017), the prediction's confidence, and feature squeezing (Xu et al. 2018: how far
-the prediction moves when the input is median-filtered or reduced to 4 bits), combined by
-logistic regression.
+the prediction moves when the input is median-filtered, reduced to 4 bits or JPEG-compressed),
+combined by logistic regression.
 
 Evaluation follows those papers: clean test images the model classifies correctly against the
 adversarial examples of those same images that fool it (a failed attack leaves an image that is,
@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from medsec.attacks.adapters import TaskAdapter
-from medsec.attacks.defenses import median
+from medsec.attacks.defenses import jpeg, median
 from medsec.errors import ConfigError
 
 MAX_LAYER_VALUES = 8192
@@ -79,20 +79,24 @@ def kd_scores(queries: torch.Tensor, predicted: torch.Tensor, reference: torch.T
     return np.maximum(scores, np.finfo(np.float64).min)  # a class without references: lowest density
 
 
-def squeeze_scores(victim: TaskAdapter, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, squeezing distance): the largest softmax probability, and the largest L1
-    distance between the softmax of the image and of its median-filtered or 4-bit version."""
+def squeeze_scores(victim: TaskAdapter, images: torch.Tensor) -> list[np.ndarray]:
+    """[confidence, one squeezing distance per squeezer]: the largest softmax probability, and the
+    L1 distance between the softmax of the image and of its median-filtered, 4-bit and JPEG
+    (quality 75, 2D images) versions. Each squeezer is its own column, so the regression can
+    discount one that also moves clean predictions (the median filter does here)."""
+    squeezers = [median, lambda x: torch.round(x * 15) / 15]
+    if images.ndim == 4 and images.shape[1] in (1, 3):
+        squeezers.append(jpeg)
     with torch.no_grad():
         probs = victim(images).softmax(1)
-        squeezed = [median(images), torch.round(images * 15) / 15]
-        distance = torch.stack([(victim(x).softmax(1) - probs).abs().sum(1) for x in squeezed]).amax(0)
-    return probs.amax(1).numpy(), distance.numpy()
+        return [probs.amax(1).numpy(), *((victim(squeeze(images)).softmax(1) - probs).abs().sum(1).numpy()
+                                         for squeeze in squeezers)]
 
 
 def detector_scores(victim: TaskAdapter, reference_images: torch.Tensor, reference_labels: torch.Tensor,
                     images: torch.Tensor, k: int = 20) -> np.ndarray:
-    """[LID per layer..., KD, confidence, squeezing] for each of ``images``, relative to the clean
-    reference images."""
+    """[LID per layer..., KD, confidence, squeezing distances...] for each of ``images``, relative
+    to the clean reference images."""
     reference = layer_activations(victim, reference_images)
     queries = layer_activations(victim, images)
     with torch.no_grad():
