@@ -8,7 +8,8 @@ of the MSD hippocampus MRI volumes (64x64) with Rician noise (MRI magnitude). On
 each kind is trained per data set on random patches with noise levels drawn from a range covering
 both test levels, then every method is tested on the same noisy test images (same seeds).
 
-    python scripts/benchmark_denoising.py                                 # about 20-25 CPU minutes
+    python scripts/benchmark_denoising.py --budget 8                      # the BENCHMARKS.md run: about 40 CPU minutes
+    python scripts/benchmark_denoising.py                                 # budget 1: about 5 minutes, NLM still wins on X-rays
     python scripts/benchmark_denoising.py --quick --output /tmp/B.md      # smoke test, ~2 minutes
 """
 from __future__ import annotations
