@@ -5,9 +5,9 @@ On PneumoniaMNIST (official split, 28x28): trains a standard small CNN, the same
 adversarial training (``+defense=pgd_at``) and a second standard network (the transfer surrogate),
 then runs ``medsec attack`` (in-process, the real verb) for the survey's Table-1 rows: FGSM, BIM,
 PGD-10, PGD-L2, C&W, DeepFool, JSMA and UAP, white-box and transfer, with JPEG/median defences and
-the LID/KD detector. Also times medsec's PGD against calling torchattacks directly on the same
-model and images. With ``--seg-ckpt`` it attacks a segmentation checkpoint too (e.g. the
-hippocampus benchmark's).
+the detector. Also times medsec's PGD against calling torchattacks directly on the same model and
+images. Multi-label and segmentation checkpoints are attacked with the same verb
+(``medsec attack ckpt_path=...``); they are not part of this table.
 
     python scripts/benchmark_adversarial.py                 # about 30 minutes on 2 CPU cores
     python scripts/benchmark_adversarial.py --quick --output /tmp/B.md
