@@ -79,33 +79,31 @@ def kd_scores(queries: torch.Tensor, predicted: torch.Tensor, reference: torch.T
     return np.maximum(scores, np.finfo(np.float64).min)  # a class without references: lowest density
 
 
-def squeeze_scores(victim: TaskAdapter, images: torch.Tensor) -> list[np.ndarray]:
-    """[confidence, one squeezing distance per squeezer]: the largest softmax probability, and the
-    L1 distance between the softmax of the image and of its median-filtered, 4-bit and JPEG
-    (quality 75, 2D images) versions. Each squeezer is its own column, so the regression can
+def squeeze_scores(victim: TaskAdapter, images: torch.Tensor, probs: torch.Tensor) -> list[np.ndarray]:
+    """[confidence, one squeezing distance per squeezer]: the largest of ``probs`` (the softmax of
+    ``images``), and the L1 distance between it and the softmax of the median-filtered, 4-bit and
+    JPEG (quality 75, 2D images) versions. Each squeezer is its own column, so the regression can
     discount one that also moves clean predictions (the median filter does here)."""
     squeezers = [median, lambda x: torch.round(x * 15) / 15]
     if images.ndim == 4 and images.shape[1] in (1, 3):
         squeezers.append(jpeg)
     with torch.no_grad():
-        probs = victim(images).softmax(1)
         return [probs.amax(1).numpy(), *((victim(squeeze(images)).softmax(1) - probs).abs().sum(1).numpy()
                                          for squeeze in squeezers)]
 
 
-def detector_scores(victim: TaskAdapter, reference_images: torch.Tensor, reference_labels: torch.Tensor,
-                    images: torch.Tensor, k: int = 20) -> np.ndarray:
-    """[LID per layer..., KD, confidence, squeezing distances...] for each of ``images``, relative
-    to the clean reference images."""
-    reference = layer_activations(victim, reference_images)
+def detector_scores(victim: TaskAdapter, reference: list[torch.Tensor], reference_labels: torch.Tensor,
+                    bandwidth: float, images: torch.Tensor, k: int = 20) -> tuple[np.ndarray, torch.Tensor]:
+    """([LID per layer..., KD, confidence, squeezing distances...], predicted class) for each of
+    ``images``, relative to the clean ``reference`` activations (:func:`layer_activations`)."""
     queries = layer_activations(victim, images)
     with torch.no_grad():
-        predicted = victim(images).argmax(1)
-    bandwidth = float(torch.cdist(reference[-1], reference[-1]).median()) or 1.0
+        probs = victim(images).softmax(1)
+    predicted = probs.argmax(1)
     columns = [lid_scores(q, r, k) for q, r in zip(queries, reference)]
     columns.append(kd_scores(queries[-1], predicted, reference[-1], reference_labels, bandwidth))
-    columns += squeeze_scores(victim, images)
-    return np.stack(columns, axis=1)
+    columns += squeeze_scores(victim, images, probs)
+    return np.stack(columns, axis=1), predicted
 
 
 def detection_auc(victim: TaskAdapter, reference_images: torch.Tensor, reference_labels: torch.Tensor,
@@ -115,10 +113,11 @@ def detection_auc(victim: TaskAdapter, reference_images: torch.Tensor, reference
     an image and its adversarial example together). ``auc``: correctly classified clean images
     against their successful adversarial examples; ``auc_all``: every image; ``pairs``: how many
     images the first counts."""
-    x_clean = detector_scores(victim, reference_images, reference_labels, clean, k)
-    x_adv = detector_scores(victim, reference_images, reference_labels, adversarial, k)
-    with torch.no_grad():
-        fooled = ((victim(clean).argmax(1) == labels) & (victim(adversarial).argmax(1) != labels)).numpy()
+    reference = layer_activations(victim, reference_images)
+    bandwidth = float(torch.cdist(reference[-1], reference[-1]).median()) or 1.0
+    x_clean, clean_pred = detector_scores(victim, reference, reference_labels, bandwidth, clean, k)
+    x_adv, adv_pred = detector_scores(victim, reference, reference_labels, bandwidth, adversarial, k)
+    fooled = ((clean_pred == labels) & (adv_pred != labels)).numpy()
 
     def auc(keep: np.ndarray) -> float:
         n = int(keep.sum())

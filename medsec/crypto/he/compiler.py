@@ -9,7 +9,7 @@ directly (skipping zeros), the "latency" evaluator through its diagonals
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,7 +46,11 @@ class HEProgram:
     input_shape: tuple[int, int, int]
     num_classes: int
     max_abs: float = 0.0
-    widths: list[int] = field(default_factory=list)
+
+    @property
+    def widths(self) -> list[int]:
+        """Output width of each affine layer."""
+        return [layer.matrix.shape[1] for layer in self.layers if layer.kind == "affine"]
 
     @property
     def depth(self) -> int:
@@ -137,8 +141,8 @@ def compile_model(net: nn.Module, calibration: torch.Tensor) -> HEProgram:
     first = layers[0]  # fold (x - mean) / std into the first affine map
     first.bias = first.bias - (mean / std) @ first.matrix
     first.matrix = first.matrix / std[:, None]
-    widths = [layer.matrix.shape[1] for layer in layers if layer.kind == "affine"]
-    program = HEProgram(layers, shape, widths[-1], widths=widths)
+    last_affine = next(layer for layer in reversed(layers) if layer.kind == "affine")
+    program = HEProgram(layers, shape, last_affine.matrix.shape[1])
     program.max_abs = 2.0 * _max_abs(program, calibration.reshape(len(calibration), -1).double().numpy())
     return program
 
