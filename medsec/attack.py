@@ -25,8 +25,9 @@ from medsec.errors import ConfigError
 from medsec.eval import load_run
 from medsec.utils.config import CONFIG_DIR, register_resolvers
 from medsec.utils.outputs import OutputWriter
-from medsec.utils.run import save_resolved_config, user_errors_exit, write_json
+from medsec.utils.run import save_resolved_config, user_errors_exit
 from medsec.viz.attacks import adversarial_grid_png, plot_eps_curve
+from medsec.viz.plots import png_bytes
 
 log = logging.getLogger("medsec.attack")
 
@@ -107,10 +108,10 @@ def attack(cfg: DictConfig) -> dict[str, Any]:
     report = {"checkpoint": str(cfg.ckpt_path), "surrogate": cfg.get("surrogate_ckpt_path"),
               "threat": "transfer (black-box)" if cfg.get("surrogate_ckpt_path") else "white-box",
               "attack": name, "params": spec, "targeted": cfg.targeted, "kind": victim.kind, "rows": rows}
-    write_json(out_dir / "robustness.json", report)
-    (out_dir / "robustness.md").write_text(markdown_table(report))
-    plot_eps_curve(rows, out_dir / "plots" / "eps_curve.png")
-    writer = stage.output_writer(out_dir) if stage else OutputWriter(out_dir)
+    writer = stage.output_writer(out_dir) if stage else OutputWriter(out_dir)  # sealing with encrypt_outputs
+    writer.write_json("robustness.json", report)
+    writer.write("robustness.md", markdown_table(report).encode())
+    writer.write("plots/eps_curve.png", png_bytes(plot_eps_curve(rows)))
     title = f"{name} eps={rows[-1]['eps']:.4g}" if rows[-1]["eps"] else name
     writer.write("plots/adversarial_grid.png", adversarial_grid_png(sample, task.class_names, title))
     log.info("results in %s", out_dir)

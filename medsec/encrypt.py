@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,11 +27,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medsec.crypto.aes import read_sealed_header
 from medsec.crypto.keys import KeyRef, SecretKey, write_key_file
 from medsec.crypto.stage import AESStage
-from medsec.crypto.store import RECORDS, EncryptedSource, RecordStore, write_store
+from medsec.crypto.store import RECORDS, EncryptedSource, RecordStore, rotate_key, write_store
 from medsec.data.sources.base import SPLITS, DataSource, Record, SourceData
 from medsec.data.transforms import LoadImageNamed
 from medsec.errors import ConfigError, SecurityError
 from medsec.utils.config import CONFIG_DIR, register_resolvers
+from medsec.utils.outputs import atomic_write
 from medsec.utils.run import save_resolved_config, user_errors_exit, write_json
 
 log = logging.getLogger("medsec.encrypt")
@@ -64,8 +64,8 @@ def _description(data: SourceData) -> dict[str, Any]:
             "train_class_counts": data.class_counts(), "info": info}
 
 
-def _store_size(path: Path) -> int:
-    return (path / RECORDS).stat().st_size
+def _store_size(store: RecordStore) -> int:
+    return (store.files / RECORDS).stat().st_size  # the live version's records
 
 
 def encrypt_source(source: DataSource, stage: AESStage, overwrite: bool = False) -> Path:
@@ -95,20 +95,18 @@ def make_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
 
 
 def rotate_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
-    """Re-encrypt the store under ``new_key``; the old store stays in place until the new one is whole."""
+    """Re-encrypt the store under ``new_key`` as its next version, switched to in one atomic rename
+    (:func:`medsec.crypto.store.rotate_key`): a crash or error at any point leaves the store
+    readable under exactly one of the two keys."""
     path = stage.store_path(instantiate(cfg.data).source)
-    old = RecordStore(path, stage.key)
     new_key = KeyRef.from_config(cfg.new_key, field="new_key")
-    m = old.manifest
-    description = old.description
+    total = sum(len(v) for v in RecordStore(path, stage.key).records.values())  # the old key is checked first
     start = time.perf_counter()
     with _progress() as progress:
-        bar = progress.add_task(f"re-encrypting {old.dataset_id}", total=sum(len(v) for v in old.records.values()))
-        splits = {split: old.iter_split(split) for split in SPLITS}
-        write_store(path, splits, dataset_id=old.dataset_id, description=description, key_ref=new_key,
-                    bits=int(m["bits"]), overwrite=True, progress=lambda n: progress.advance(bar, n))
+        bar = progress.add_task(f"re-encrypting {path.name}", total=total)
+        old = rotate_key(path, stage.key, new_key, progress=lambda n: progress.advance(bar, n))
     summary = _summary(path, new_key, time.perf_counter() - start)
-    log.info("store %s now under key id %s (was %s)", path, summary["key_id"], m["key_id"])
+    log.info("store %s now under key id %s (was %s)", path, summary["key_id"], old.manifest["key_id"])
     return summary
 
 
@@ -136,7 +134,7 @@ def verify_store(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
 def _summary(path: Path, key_ref: KeyRef, seconds: float | None) -> dict[str, Any]:
     store = RecordStore(path, key_ref)
     counts = {s: len(store.records.get(s, [])) for s in SPLITS}
-    size = _store_size(path)
+    size = _store_size(store)
     summary = {"store": str(path), "dataset_id": store.dataset_id, "key_id": store.manifest["key_id"],
                "algorithm": store.manifest["algorithm"], "records": counts, "bytes": size}
     if seconds is not None:
@@ -168,9 +166,7 @@ def decrypt_file(cfg: DictConfig, stage: AESStage) -> dict[str, Any]:
         sys.stdout.buffer.write(plain)
         sys.stdout.flush()
     else:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(plain)
+        atomic_write(Path(target).expanduser(), bytes(plain), mode=0o600)  # a new file: never through a symlink
         log.info("decrypted %s to %s", source, target)
     return {"input": str(source), "output": target, "bytes": len(plain), "key_id": header["key_id"]}
 

@@ -5,61 +5,54 @@ a ``data=...`` override names another one.
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from medsec.crypto.stage import AESStage, checkpoint_file
+from medsec.core.checkpoint import CHECKPOINT_KEY, CheckpointIO, build_task, read_checkpoint, rebuild_stage
+from medsec.crypto.stage import AESStage
 from medsec.data.datamodule import MedicalDataModule, build_datamodule
 from medsec.errors import ConfigError
-from medsec.utils.callbacks import CHECKPOINT_KEY
 from medsec.utils.config import CONFIG_DIR, register_resolvers
 from medsec.utils.ddp import job_scope
-from medsec.utils.run import collect_metrics, instantiate_list, publish_results, save_resolved_config, user_errors_exit
+from medsec.utils.run import (
+    check_sealed_loggers,
+    collect_metrics,
+    instantiate_list,
+    publish_results,
+    save_resolved_config,
+    user_errors_exit,
+)
 
 log = logging.getLogger("medsec.eval")
 
 
-def open_checkpoint(ckpt_path: str | Path, stage: AESStage | None = None) -> tuple[dict[str, Any], Path | io.BytesIO]:
-    """The run information ``medsec train`` stored in a checkpoint, and the checkpoint to load the
-    task from (the file, or its decrypted bytes in memory when it is sealed)."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: checkpoint not found: {path}")
-    source = checkpoint_file(path, stage)
-    try:
-        payload = torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or CHECKPOINT_KEY not in payload:
-        raise ConfigError(f"ckpt_path: {path} was not written by `medsec train` (no '{CHECKPOINT_KEY}' entry)")
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    return payload[CHECKPOINT_KEY], source
+def open_checkpoint(ckpt_path: str | Path, stage: AESStage | None = None) -> dict[str, Any]:
+    """The checked checkpoint (plain data) and its run information (``payload[CHECKPOINT_KEY]``)."""
+    return read_checkpoint(ckpt_path, stage)
 
 
 def load_run(cfg: DictConfig, ckpt_path: str | Path) -> tuple[L.LightningModule, MedicalDataModule, AESStage | None]:
     """The trained task in ``ckpt_path``, its data module (the checkpoint's data config unless
     ``cfg.data`` names one) and the security stage to read them with (``cfg.crypto``, else the one
-    the training run used)."""
+    the training run used, rebuilt from its key reference)."""
     stage = instantiate(cfg.crypto) if cfg.get("crypto") else None
-    info, checkpoint = open_checkpoint(ckpt_path, stage)
+    payload = open_checkpoint(ckpt_path, stage)
+    info = payload[CHECKPOINT_KEY]
     trained_with = info.get("crypto") or {}
     if stage is None and trained_with:
-        stage = instantiate(trained_with)  # trained on an encrypted store: read it the same way
-    if stage is not None and trained_with.get("encrypt_outputs") and not stage.encrypt_outputs:
+        stage = rebuild_stage(trained_with, f"ckpt_path: {ckpt_path}")  # trained on an encrypted store
+    if stage is not None and trained_with.get("encrypt_outputs") and not getattr(stage, "encrypt_outputs", True):
         log.info("sealing outputs, as the training run did (crypto.encrypt_outputs)")
         stage.encrypt_outputs = True
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(info["data"])
     datamodule = build_datamodule(data_cfg, stage)
-    task = get_class(info["task_target"]).load_from_checkpoint(checkpoint, map_location="cpu")
+    task = build_task(payload, f"ckpt_path: {ckpt_path}")
     if list(datamodule.class_names) != list(task.class_names):
         raise ConfigError(
             f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
@@ -73,13 +66,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float | None]:
     out_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, out_dir)
     task, datamodule, stage = load_run(cfg, cfg.ckpt_path)
+    loggers = instantiate_list(cfg.get("logger"))
+    check_sealed_loggers(stage, loggers)
     with job_scope():
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
-                                         logger=instantiate_list(cfg.get("logger")))
+                                         logger=loggers, plugins=[CheckpointIO(stage, out_dir)])
         trainer.test(task, datamodule=datamodule)
         metrics = collect_metrics(trainer.callback_metrics)
         if trainer.is_global_zero:
-            publish_results(out_dir, metrics, task, stage.output_writer(out_dir) if stage else None)
+            publish_results(out_dir, metrics, task, stage.output_writer(out_dir) if stage else None, trainer)
     return metrics
 
 

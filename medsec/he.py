@@ -29,7 +29,9 @@ from medsec.crypto.he.remote import RemoteServer
 from medsec.errors import ConfigError
 from medsec.eval import load_run
 from medsec.utils.config import CONFIG_DIR, register_resolvers
-from medsec.utils.run import save_resolved_config, to_float, user_errors_exit, write_json
+from medsec.utils.outputs import OutputWriter
+from medsec.utils.run import save_resolved_config, to_float, user_errors_exit
+from medsec.viz.plots import png_bytes
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,9 +68,8 @@ def run_encrypted(client: HEClient, answer: Answer, images: np.ndarray) -> tuple
     return np.concatenate(logits), cost
 
 
-def plot_logits(plain: np.ndarray, encrypted: np.ndarray, path: Path, title: str) -> Path:
+def plot_logits(plain: np.ndarray, encrypted: np.ndarray, title: str) -> plt.Figure:
     """Encrypted against plaintext logits, one colour per class."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for k in range(plain.shape[1]):
         ax.scatter(plain[:, k], encrypted[:, k], s=6, label=f"logit {k}")
@@ -76,9 +77,7 @@ def plot_logits(plain: np.ndarray, encrypted: np.ndarray, path: Path, title: str
     ax.plot([low, high], [low, high], "k--", lw=0.8)
     ax.set(xlabel="plaintext logit (PyTorch)", ylabel="decrypted CKKS logit", title=title)
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def homomorphic(cfg: DictConfig) -> dict[str, Any]:
@@ -88,7 +87,7 @@ def homomorphic(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, out_dir)
-    task, datamodule, _ = load_run(cfg, cfg.ckpt_path)
+    task, datamodule, stage = load_run(cfg, cfg.ckpt_path)
     net = task.net.eval()
     images, labels = images_of(take(datamodule, "test", cfg.max_images or 10**9))
     calibration, _ = images_of(take(datamodule, "train", cfg.calibration_images))
@@ -97,7 +96,8 @@ def homomorphic(cfg: DictConfig) -> dict[str, Any]:
         plain = net(images).double().numpy()
 
     if cfg.remote:
-        server = RemoteServer(cfg.remote)
+        server = RemoteServer(cfg.remote, ca_file=cfg.get("remote_ca_file"),
+                              token_file=cfg.get("remote_token_file"))
         card = server.card()
         client = HEClient(card, cfg.mode)
         server.upload_context(client.public_context())
@@ -131,8 +131,9 @@ def homomorphic(cfg: DictConfig) -> dict[str, Any]:
         "server_context_has_secret_key": server_has_secret,
         "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    write_json(out_dir / "he_report.json", report)
-    plot_logits(plain, encrypted, out_dir / "plots" / "he_logits.png", f"CKKS {cfg.mode}, {n} images")
+    writer = stage.output_writer(out_dir) if stage else OutputWriter(out_dir)  # sealing with encrypt_outputs
+    writer.write_json("he_report.json", report)
+    writer.write("plots/he_logits.png", png_bytes(plot_logits(plain, encrypted, f"CKKS {cfg.mode}, {n} images")))
     log.info("%s: plaintext acc %.4f, encrypted acc %.4f, agreement %.4f, max logit error %.2e, %.1f ms/image",
              cfg.mode, report["plaintext"]["acc"], report["encrypted"]["acc"], report["argmax_agreement"],
              report["max_abs_logit_error"], report["ms_per_image"])

@@ -20,6 +20,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from medsec.core.checkpoint import CHECKPOINT_KEY
 from medsec.crypto import metrics as M
 from medsec.crypto.ciphers import Ciphertext, ImageCipher
 from medsec.crypto.keys import KeyRef, SecretKey
@@ -230,14 +231,16 @@ def save_plots(plain: np.ndarray, cipher_images: np.ndarray, out_dir: Path, name
 
 
 def data_config(cfg: DictConfig) -> Any:
-    """``cfg.data``, else the data set stored in ``ckpt_path`` (learned ciphers)."""
+    """``cfg.data``, else the data set stored in ``ckpt_path`` (learned ciphers), else the built-in
+    synthetic set (no download)."""
     if cfg.get("data"):
         return cfg.data
     if cfg.get("ckpt_path"):
         from medsec.eval import open_checkpoint
 
-        return OmegaConf.create(open_checkpoint(cfg.ckpt_path)[0]["data"])
-    raise ConfigError("data: choose the images to encrypt (data=chestxray14, data=synthetic, ...)")
+        return OmegaConf.create(open_checkpoint(cfg.ckpt_path)[CHECKPOINT_KEY]["data"])
+    log.info("data: the built-in synthetic set (choose another with data=...)")
+    return OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml")
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:

@@ -11,12 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from medsec import __version__
+from medsec.core.checkpoint import CheckpointIO
 from medsec.data.datamodule import build_datamodule
 from medsec.errors import ConfigError
 from medsec.utils.callbacks import LogSampleImages, StoreRunInfo
 from medsec.utils.config import CONFIG_DIR, register_resolvers
 from medsec.utils.ddp import job_scope
 from medsec.utils.run import (
+    check_sealed_loggers,
     collect_metrics,
     instantiate_list,
     publish_results,
@@ -52,10 +54,10 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     if cfg.get("log_images"):
         callbacks.append(LogSampleImages())
     loggers = instantiate_list(cfg.get("logger"))
+    check_sealed_loggers(stage, loggers)
     with job_scope():
-        checkpoint_io = stage.checkpoint_io() if stage else None
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
-                                         plugins=[checkpoint_io] if checkpoint_io else None)
+                                         plugins=[CheckpointIO(stage, out_dir)])
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved_config(cfg))
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -67,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
         metrics = collect_metrics(fit_metrics, trainer.callback_metrics)
         if trainer.is_global_zero:
-            publish_results(out_dir, metrics, task, stage.output_writer(out_dir) if stage else None)
+            publish_results(out_dir, metrics, task, stage.output_writer(out_dir) if stage else None, trainer)
     return metrics
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from medsec import cli
 from medsec.crypto.keys import read_key_file
-from medsec.crypto.store import MANIFEST, RECORDS
+from medsec.crypto.store import MANIFEST, RECORDS, live_dir
 from medsec.data.sources.synthetic import SyntheticSource
 from medsec.errors import ConfigError, DataError, SecurityError
 from tests.conftest import TINY, medsec_cli, read_metrics, run_verb
@@ -44,14 +44,12 @@ def key_forms(key) -> list[bytes]:
 def test_encrypted_run_equals_plain_run_and_leaks_nothing(site: dict, tmp_path: Path) -> None:
     reference = run_verb("train", WORKERS, tmp_path / "plain")
     run = tmp_path / "sealed"
-    result = medsec_cli("train", *WORKERS, "crypto=aes", "crypto.encrypt_checkpoints=true", "crypto.encrypt_outputs=true",
-                        "logger=many", f"hydra.run.dir={run}", cwd=site["root"], env={**site["env"], "WANDB_MODE": "offline"})
+    result = medsec_cli("train", *WORKERS, "crypto=aes", "crypto.encrypt_checkpoints=true", "logger=many", f"hydra.run.dir={run}", cwd=site["root"], env={**site["env"], "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     sealed = read_metrics(run)
     for name in ("test/acc", "test/auroc", "val/auroc_best"):
         assert sealed[name] == pytest.approx(reference[name], abs=1e-6), name  # same data, order and model
-    assert (run / "checkpoints" / "best.ckpt").read_bytes().startswith(b"MEDSEC-SEALED/1\n")
-    assert (run / "predictions.csv.enc").is_file() and not (run / "predictions.csv").exists()
+    assert (run / "checkpoints" / "best.ckpt").read_bytes().startswith(b"MEDSEC-SEALED/2\n")
 
     files = [p for p in [*run.rglob("*"), *(site["root"] / "wandb").rglob("*")] if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any("tfevents" in p.name for p in files)
@@ -63,9 +61,9 @@ def test_encrypted_run_equals_plain_run_and_leaks_nothing(site: dict, tmp_path: 
     checkpoint = f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
     with pytest.raises(ConfigError, match="is encrypted; add crypto=aes"):
         run_verb("eval", [checkpoint], tmp_path / "e1")
-    evaluated = run_verb("eval", [checkpoint, "crypto=aes", *site["refs"]], tmp_path / "e2")
+    evaluated = run_verb("eval", [checkpoint, "crypto=aes", "crypto.encrypt_outputs=true", *site["refs"]], tmp_path / "e2")
     assert evaluated["test/acc"] == pytest.approx(sealed["test/acc"], abs=1e-6)
-    assert (tmp_path / "e2" / "predictions.csv.enc").is_file()  # sealed, as the training run's outputs were
+    assert (tmp_path / "e2" / "predictions.csv.enc").is_file() and not (tmp_path / "e2" / "predictions.csv").exists()
     out = tmp_path / "predictions.csv"
     run_verb("encrypt", ["action=decrypt", f"input={tmp_path / 'e2' / 'predictions.csv.enc'}", f"output={out}",
                          *site["refs"]], tmp_path / "d")
@@ -83,10 +81,10 @@ def test_ddp_trains_from_the_encrypted_store(site: dict, tmp_path: Path) -> None
 def test_tampered_store_is_named_by_verify_and_by_training(site: dict, tmp_path: Path) -> None:
     store = tmp_path / "store"
     shutil.copytree(site["store"], store)
-    offset, length, _ = json.loads((store / MANIFEST).read_text())["records"]["train"][5]
-    data = bytearray((store / RECORDS).read_bytes())
+    offset, length, _ = json.loads((live_dir(store) / MANIFEST).read_text())["records"]["train"][5]
+    data = bytearray((live_dir(store) / RECORDS).read_bytes())
     data[offset + length - 3] ^= 0x80
-    (store / RECORDS).write_bytes(bytes(data))
+    (live_dir(store) / RECORDS).write_bytes(bytes(data))
     with pytest.raises(SecurityError, match=r"1 damaged record\(s\):\n  record 5 of split 'train' \(id 'synthetic-train-000005'\) .*: its SHA-256 differs from the manifest and it fails AES-GCM authentication"):
         run_verb("encrypt", ["action=verify", f"crypto.store={store}", *site["refs"]], tmp_path / "v")
     # training decrypts in DataLoader workers: the error still ends in one line naming the record
@@ -104,8 +102,9 @@ def test_rotation_replaces_the_key_atomically(site: dict, tmp_path: Path) -> Non
     new_key = tmp_path / "new.key"
     run_verb("encrypt", ["action=keygen", f"crypto.key.file={new_key}"], tmp_path / "k")
     run_verb("encrypt", ["action=rotate", f"crypto.store={store}", f"new_key.file={new_key}", *site["refs"]], tmp_path / "r")
-    assert json.loads((store / MANIFEST).read_text())["key_id"] == read_key_file(new_key).key_id
+    assert json.loads((live_dir(store) / MANIFEST).read_text())["key_id"] == read_key_file(new_key).key_id
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k", "new.key", "r", "store"]  # nothing half-written left
+    assert sorted(p.name for p in store.iterdir()) == ["CURRENT", "v2"]  # the new version, the old one removed
     with pytest.raises(SecurityError, match="wrong key"):
         run_verb("encrypt", ["action=verify", f"crypto.store={store}", *site["refs"]], tmp_path / "v1")
     report = run_verb("encrypt", ["action=verify", f"crypto.store={store}", *site["refs"], f"crypto.key.file={new_key}"],

@@ -65,9 +65,13 @@ def test_report_writes_json_and_plots_and_no_key(tmp_path: Path) -> None:
             assert not any(form in content for form in forms), f"key material in {path}"
 
 
+def test_the_readme_command_runs_on_the_synthetic_set_by_default(tmp_path: Path) -> None:
+    result = run_report(["cipher=aes_ctr", "num_images=8", "nist_sequences=4"], tmp_path)  # README: `medsec report cipher=aes_ctr`
+    assert result["images"] == 8 and result["image_shape"] == [32, 32]  # conf/data/synthetic.yaml's image size
+    assert (tmp_path / "security_report.json").is_file()
+
+
 def test_report_names_missing_inputs(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^data:"):
-        run_report(["cipher=aes_ctr"], tmp_path / "a")
     with pytest.raises(Exception) as failure:  # Hydra wraps it; the verb reports the ConfigError inside
         run_report(["cipher=deepkeygen", *SYNTHETIC], tmp_path / "b")
     assert user_error_message(failure.value).startswith("ckpt_path: cipher=deepkeygen needs a trained checkpoint")

@@ -2,14 +2,23 @@
 they stay out of configs, logs, checkpoints, exceptions and ``repr``.
 
 Configs carry a :class:`KeyRef` (a file path or the *name* of an environment variable), never key
-material. A master key is 256 bits (128 accepted for AES-128); every use derives its own sub-key
-with HKDF-SHA256, and the key id shown to users is itself an HKDF output, so it reveals nothing.
+material. A master key is 256 bits (128 accepted for AES-128), given as hex or base64 text; every
+use derives its own sub-key with HKDF-SHA256 (the info names the purpose *and* the sub-key length,
+so an AES-128 key is not a prefix of the AES-256 key for the same purpose), and the key id shown to
+users is itself an HKDF output, so it reveals nothing.
+
+Everything read from outside is untrusted until checked: key text (hex/base64 only, exactly 128 or
+256 bits, not a weak key), key files (opened once without following a symlink, then checked on the
+open descriptor: a regular file of the current user, mode 600) and scrypt parameters, which come
+from unauthenticated headers and are checked against a fixed, bounded set before scrypt runs.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -17,16 +26,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InternalError
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from medsec.errors import ConfigError
+from medsec.errors import ConfigError, SecurityError
 
 KEY_BYTES = 32
+KEY_SIZES = (16, 32)
 KEY_SOURCES = ("file", "env", "passphrase")
-SCRYPT_DEFAULTS = {"n": 2**15, "r": 8, "p": 1}
-"""scrypt cost (about 0.1 s and 32 MiB per derivation): the interactive-login setting of RFC 7914."""
+HKDF_VERSION = b"medsec/v2/"
+MAX_KEY_FILE_BYTES = 4096
+"""A key file is one line of hex or base64; anything larger is not a key file."""
+SCRYPT_DEFAULTS = {"n": 2**17, "r": 8, "p": 1}
+"""scrypt cost of new passphrase-derived keys (data at rest: N = 2^17, 128 MiB and about 0.3 s per
+derivation; N = 2^15 is RFC 7914's interactive-login setting, too cheap for stored data)."""
+SCRYPT_FIELDS = ("name", "salt", "n", "r", "p")
+SCRYPT_SALT_BYTES = 16
+SCRYPT_N_RANGE = (2**15, 2**18)
+"""The scrypt ``n`` accepted when *reading* (files written before N = 2^17 used 2^15); anything
+else is refused before scrypt runs, since the parameters come from unauthenticated headers."""
+_HEX_SALT = re.compile(rf"[0-9a-fA-F]{{{2 * SCRYPT_SALT_BYTES}}}")
+
+
+class KdfParamsError(SecurityError, ConfigError):
+    """Refused or failing scrypt parameters. Both a :class:`SecurityError` (they come from an
+    unauthenticated header) and a :class:`ConfigError` (callers may catch either)."""
 
 
 class SecretKey:
@@ -38,8 +64,9 @@ class SecretKey:
     __slots__ = ("_material", "key_id")
 
     def __init__(self, material: bytes) -> None:
-        if len(material) not in (16, 32):
-            raise ConfigError(f"a key must be 16 or 32 bytes, got {len(material)} bytes")
+        if not isinstance(material, (bytes, bytearray)) or len(material) not in KEY_SIZES:
+            raise ConfigError(f"a key must be 16 or 32 bytes, got {len(material)} bytes"
+                              if isinstance(material, (bytes, bytearray)) else "a key must be 16 or 32 bytes")
         self._material = bytes(material)
         self.key_id = self.derive("key-id", 8).hex()
 
@@ -53,9 +80,11 @@ class SecretKey:
         return 8 * len(self._material)
 
     def derive(self, purpose: str, length: int) -> bytes:
-        """HKDF-SHA256 sub-key for ``purpose`` (different purposes give independent keys)."""
-        return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
-                    info=b"medsec/v1/" + purpose.encode()).derive(self._material)
+        """HKDF-SHA256 sub-key of ``length`` bytes for ``purpose``. The info is
+        ``medsec/v2/<purpose>/<8 * length>-bit``: different purposes *or lengths* give independent
+        keys (without the length, the 16-byte sub-key would be a prefix of the 32-byte one)."""
+        info = HKDF_VERSION + purpose.encode() + b"/" + str(8 * length).encode() + b"-bit"
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(self._material)
 
     def export_hex(self) -> str:
         """The key as hex, for writing a key file (:func:`write_key_file`) only."""
@@ -73,36 +102,76 @@ class SecretKey:
         return hash(self.key_id)
 
 
+def _decode_key_text(text: bytes) -> bytes | None:
+    """The key bytes of hex or (standard, padded) base64 text, if it is one of them and 128 or 256
+    bits long. Hex of a 128/256-bit key is never valid base64 of one, and vice versa."""
+    for decode in (binascii.unhexlify, lambda t: base64.b64decode(t, validate=True)):
+        try:
+            material = decode(text)
+        except (binascii.Error, ValueError):
+            continue
+        if len(material) in KEY_SIZES:
+            return material
+    return None
+
+
 def parse_key_text(raw: bytes, where: str) -> SecretKey:
-    """A key from hex or base64 text, or raw bytes (16 or 32). ``where`` names the source in errors,
-    which never quote the content."""
-    text = raw.strip()
-    candidates: list[bytes] = []
-    try:
-        candidates.append(binascii.unhexlify(text))
-    except (binascii.Error, ValueError):
-        pass
-    try:
-        candidates.append(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError):
-        pass
-    candidates.append(raw)
-    for material in candidates:
-        if len(material) in (16, 32):
-            return SecretKey(material)
-    raise ConfigError(f"{where} does not hold a 128- or 256-bit key (hex, base64 or raw bytes)")
+    """A key from hex or base64 text: exactly 128 or 256 bits, and not a weak key (all bytes
+    equal, as the all-zero key). Raw bytes are not accepted (a 32-character password would pass
+    for a 256-bit key). ``where`` names the source in errors, which never quote the content."""
+    material = _decode_key_text(raw.strip())
+    if material is None:
+        raise ConfigError(f"{where} does not hold a 128- or 256-bit key as hex or base64 text "
+                          "(a password is not a key: use crypto.key.source=passphrase, or make a key with "
+                          "`medsec encrypt action=keygen`)")
+    if len(set(material)) == 1:
+        raise ConfigError(f"{where} holds a weak key (every byte the same, as in an all-zero key); "
+                          "make a random one with `medsec encrypt action=keygen`")
+    return SecretKey(material)
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+"""Read-only, never through a symlink, not inherited by child processes, and not blocking on a FIFO
+(whose open would otherwise wait for a writer)."""
 
 
 def read_key_file(path: str | Path, field: str = "crypto.key") -> SecretKey:
-    """Read a key file, refusing one that group or others may read or write."""
+    """Read a key file. It is opened once (a symlink is refused) and checked on the open
+    descriptor, so what is checked is what is read: a regular file, owned by the current user,
+    that group and others can neither read nor write (mode 600 or 400)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{field}.file: key file not found: {path} (create one with `medsec encrypt action=keygen`)")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(f"{field}.file: {path} is accessible to group/others (mode {mode:04o}); "
-                          f"run `chmod 600 {path}`")
-    return parse_key_text(path.read_bytes(), f"key file {path}")
+    name = f"{field}.file: key file {path}"
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}.file: key file not found: {path} "
+                          "(create one with `medsec encrypt action=keygen`)") from None
+    except OSError as err:
+        if err.errno in (errno.ELOOP, getattr(errno, "EMLINK", -1)):  # O_NOFOLLOW met a symlink
+            raise ConfigError(f"{name} is a symbolic link; refusing to follow it (set {field}.file to the "
+                              "key file itself)") from None
+        raise ConfigError(f"{name} cannot be opened ({err.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{name} is not a regular file")
+        mode = stat.S_IMODE(info.st_mode)
+        if os.name == "posix" and mode & 0o077:
+            raise ConfigError(f"{field}.file: {path} is accessible to group/others (mode {mode:04o}); "
+                              f"run `chmod 600 {path}`")
+        if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+            raise ConfigError(f"{field}.file: {path} is owned by uid {info.st_uid}, not by the current user "
+                              f"(uid {os.geteuid()}); a key file must belong to the user who reads it")
+        if info.st_size > MAX_KEY_FILE_BYTES:
+            raise ConfigError(f"{field}.file: {path} is too large to be a key file ({info.st_size} bytes)")
+        data = b""
+        while chunk := os.read(fd, MAX_KEY_FILE_BYTES + 1 - len(data)):
+            data += chunk
+            if len(data) > MAX_KEY_FILE_BYTES:
+                raise ConfigError(f"{field}.file: {path} is too large to be a key file")
+    finally:
+        os.close(fd)
+    return parse_key_text(data, f"key file {path}")
 
 
 def write_key_file(path: str | Path, key: SecretKey) -> Path:
@@ -119,20 +188,72 @@ def write_key_file(path: str | Path, key: SecretKey) -> Path:
 
 
 def new_kdf_params() -> dict[str, Any]:
-    """Fresh scrypt parameters (random salt) for a passphrase-derived key."""
-    return {"name": "scrypt", "salt": secrets.token_hex(16), **SCRYPT_DEFAULTS}
+    """Fresh scrypt parameters (random salt, N = 2^17) for a new passphrase-derived key."""
+    return {"name": "scrypt", "salt": secrets.token_hex(SCRYPT_SALT_BYTES), **SCRYPT_DEFAULTS}
 
 
-def passphrase_key(passphrase: str, kdf: Mapping[str, Any]) -> SecretKey:
-    """Derive a 256-bit key from a passphrase with scrypt and the stored parameters."""
+def _show(value: int) -> int | str:
+    """An integer for a message (a huge one may not even convert to text)."""
+    return value if abs(value) <= 2**64 else "a number out of range"
+
+
+def _kdf_problem(kdf: Any) -> str | None:
+    """Why ``kdf`` is not an accepted set of scrypt parameters, or ``None``."""
+    if not isinstance(kdf, Mapping):
+        return f"scrypt parameters are not a JSON object (got {type(kdf).__name__})"
+    missing = [name for name in SCRYPT_FIELDS if name not in kdf]
+    if missing:
+        return f"scrypt parameter(s) {missing} missing"
+    extra = sorted(str(name)[:32] for name in kdf if name not in SCRYPT_FIELDS)
+    if extra:
+        return f"unknown scrypt parameter(s) {extra[:5]} (accepted: {list(SCRYPT_FIELDS)})"
+    if kdf["name"] != "scrypt":
+        return "scrypt parameter 'name' must be 'scrypt'"
+    salt = kdf["salt"]
+    if not isinstance(salt, str) or not _HEX_SALT.fullmatch(salt):
+        return f"scrypt parameter 'salt' must be {SCRYPT_SALT_BYTES} bytes as hex ({2 * SCRYPT_SALT_BYTES} hex digits)"
+    for name in ("n", "r", "p"):  # bool is an int subclass, and True == 1: exact type
+        if type(kdf[name]) is not int:
+            return f"scrypt parameter '{name}' must be an integer, got {type(kdf[name]).__name__}"
+    low, high = SCRYPT_N_RANGE
+    n = kdf["n"]
+    if not (low <= n <= high and n & (n - 1) == 0):
+        return f"scrypt parameter 'n' must be a power of two from 2^15 to 2^20, got {_show(n)}"
+    for name, allowed in (("r", 8), ("p", 1)):
+        if kdf[name] != allowed:
+            return f"scrypt parameter '{name}' must be {allowed}, got {_show(kdf[name])}"
+    return None
+
+
+def check_kdf_params(kdf: Any, where: str = "scrypt parameters (header field 'kdf')",
+                     error: type[Exception] = KdfParamsError) -> dict[str, Any]:
+    """Check scrypt parameters read from a header (unauthenticated until the key they give is
+    used) against the fixed set medsec accepts: name ``scrypt``, a 16-byte hex salt, ``r = 8``,
+    ``p = 1`` and ``n`` a power of two from 2^15 to 2^20; returns them as a plain dict. Anything
+    else raises ``error`` (default :class:`KdfParamsError`) naming ``where`` and the field, before
+    any memory or time is spent on scrypt."""
+    problem = _kdf_problem(kdf)
+    if problem is not None:
+        raise error(f"{where}: {problem}")
+    return {name: kdf[name] for name in SCRYPT_FIELDS}
+
+
+def passphrase_key(passphrase: str, kdf: Mapping[str, Any],
+                   where: str = "scrypt parameters (header field 'kdf')") -> SecretKey:
+    """Derive a 256-bit key from a passphrase with scrypt and the stored parameters ``kdf``,
+    checked first (:func:`check_kdf_params`; ``where`` names them in errors)."""
     if not passphrase:
         raise ConfigError("the passphrase is empty")
+    params = check_kdf_params(kdf, where)
+    n, r, p = params["n"], params["r"], params["p"]
     try:
-        scrypt = Scrypt(salt=bytes.fromhex(kdf["salt"]), length=KEY_BYTES, n=int(kdf["n"]), r=int(kdf["r"]),
-                        p=int(kdf["p"]))
-    except (KeyError, ValueError, TypeError) as err:
-        raise ConfigError(f"invalid scrypt parameters in the encrypted file's header ({err})") from None
-    return SecretKey(scrypt.derive(passphrase.encode()))
+        material = Scrypt(salt=bytes.fromhex(params["salt"]), length=KEY_BYTES, n=n, r=r, p=p).derive(
+            passphrase.encode())
+    except (MemoryError, InternalError, ValueError, OverflowError) as err:
+        reason = "not enough memory" if isinstance(err, MemoryError) else type(err).__name__
+        raise KdfParamsError(f"{where}: scrypt could not derive the key (n=2^{n.bit_length() - 1}, r={r}, p={p}; "
+                             f"{reason})") from None
+    return SecretKey(material)
 
 
 @dataclass(frozen=True)
@@ -180,9 +301,11 @@ class KeyRef:
     def needs_kdf(self) -> bool:
         return self.source == "passphrase"
 
-    def load(self, kdf: Mapping[str, Any] | None = None) -> SecretKey:
+    def load(self, kdf: Mapping[str, Any] | None = None,
+             where: str = "scrypt parameters (header field 'kdf')") -> SecretKey:
         """Resolve the reference. Passphrase keys need the ``kdf`` parameters of the file they open
-        (or :func:`new_kdf_params` for a new one)."""
+        (or :func:`new_kdf_params` for a new one), checked before use; ``where`` names them in
+        errors."""
         if self.source == "file":
             return read_key_file(self.file, self.field)
         name = self.env if self.source == "env" else self.passphrase_env
@@ -193,4 +316,4 @@ class KeyRef:
             return parse_key_text(value.encode(), f"environment variable {name}")
         if kdf is None:
             raise ConfigError("a passphrase key needs the scrypt parameters of the file it opens")
-        return passphrase_key(value, kdf)
+        return passphrase_key(value, kdf, where)

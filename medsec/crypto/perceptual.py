@@ -293,8 +293,5 @@ class PerceptualStage:
             return source
         return PerceptualSource(source, PerceptualEncryptd("image", self.cipher()))
 
-    def checkpoint_io(self) -> None:
-        return None
-
     def output_writer(self, root: str | Path) -> OutputWriter:
         return OutputWriter(root)

@@ -1,25 +1,22 @@
 """`crypto=aes`: the AES-GCM security stage as one configured object that the verbs consult.
 
-It wraps a data source into the encrypted store made from it, seals checkpoints (a Lightning
-``CheckpointIO``) and per-case outputs (an :class:`OutputWriter`), and opens them again.
+It wraps a data source into the encrypted store made from it, seals checkpoints (through
+:class:`medsec.core.checkpoint.CheckpointIO`) and per-run outputs (an :class:`OutputWriter`), and
+opens them again. Sealed files are bound to their path within their run directory and to the
+run's id (``run.json``), so they open only where they were written.
 """
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-from medsec.crypto.aes import is_sealed, open_sealed_bytes, seal_file_bytes
+from medsec.crypto.aes import open_sealed_bytes, seal_file_bytes
 from medsec.crypto.keys import KeyRef
 from medsec.crypto.store import EncryptedSource
 from medsec.data.sources.base import DataSource
 from medsec.errors import ConfigError
-from medsec.utils.outputs import OutputWriter
+from medsec.utils.outputs import OutputWriter, atomic_write, ensure_run_id, find_run
 
 
 class AESStage:
@@ -56,62 +53,40 @@ class AESStage:
             return source
         return EncryptedSource(self.store_path(source), self.key, expect_dataset_id=source.dataset_id)
 
-    def checkpoint_io(self) -> SealedCheckpointIO | None:
-        return SealedCheckpointIO(self) if self.encrypt_checkpoints else None
-
     def output_writer(self, root: str | Path) -> OutputWriter:
-        return SealedOutputWriter(root, self) if self.encrypt_outputs else OutputWriter(root)
+        """The writer for the run in ``root``: sealing when ``encrypt_outputs`` is set."""
+        if not self.encrypt_outputs:
+            return OutputWriter(root)
+        ensure_run_id(root)
+        return SealedOutputWriter(root, self)
 
-    def seal(self, data: bytes, purpose: str) -> bytes:
-        return seal_file_bytes(data, self.key, purpose, self.bits)
+    def seal(self, data: bytes, path: str | Path, purpose: str) -> bytes:
+        """``data`` sealed for ``purpose``, bound to ``path``'s place in its run (``run.json``
+        must exist above it: :func:`ensure_run_id`)."""
+        name, run_id = find_run(path)
+        return seal_file_bytes(data, self.key, purpose, self.bits, name=name, run_id=run_id)
 
-    def open(self, path: str | Path, purpose: str) -> bytes:
-        return open_sealed_bytes(Path(path).read_bytes(), self.key, purpose, f"sealed file {path}")
+    def seal_to(self, path: str | Path, data: bytes, purpose: str) -> Path:
+        """Write ``data`` sealed to ``path``, atomically."""
+        path = Path(path)
+        return atomic_write(path, self.seal(data, path, purpose))
+
+    def open(self, path: str | Path, purpose: str) -> bytes | bytearray:
+        """Open the sealed file ``path``; it must sit where it was written, in the run it was written for."""
+        name, run_id = find_run(path)
+        return open_sealed_bytes(Path(path).read_bytes(), self.key, purpose, f"sealed file {path}", name=name,
+                                 run_id=run_id)
 
 
 class SealedOutputWriter(OutputWriter):
     """Writes each output as a sealed file ``<name>.enc``."""
 
     suffix = ".enc"
+    sealed = True
 
     def __init__(self, root: str | Path, stage: AESStage) -> None:
         super().__init__(root)
         self.stage = stage
 
-    def encode(self, data: bytes, name: str) -> bytes:
-        return self.stage.seal(data, "output")
-
-
-class SealedCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O that seals every checkpoint with AES-GCM (atomic writes)."""
-
-    def __init__(self, stage: AESStage) -> None:
-        self.stage = stage
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self.stage.seal(buffer.getvalue(), "checkpoint"))
-        tmp.replace(path)
-
-    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(path, self.stage, map_location)
-
-
-def checkpoint_file(path: str | Path, stage: AESStage | None) -> Path | io.BytesIO:
-    """``path`` itself for a plain checkpoint; the decrypted bytes, in memory, for a sealed one
-    (which needs ``crypto=aes`` with its key)."""
-    path = Path(path)
-    if not is_sealed(path):
-        return path
-    if stage is None:
-        raise ConfigError(f"ckpt_path: {path} is encrypted; add crypto=aes with the key it was sealed with")
-    return io.BytesIO(stage.open(path, "checkpoint"))
-
-
-def load_checkpoint(path: str | Path, stage: AESStage | None, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a plain or sealed checkpoint (see :func:`checkpoint_file`)."""
-    return torch.load(checkpoint_file(path, stage), map_location=map_location, weights_only=False)
+    def encode(self, data: bytes, path: Path) -> bytes:
+        return self.stage.seal(data, path, "output")

@@ -21,14 +21,21 @@ carry patient numbers); the receiver names the image it expects. The entropy mod
 categorical prior over the latent levels) is part of the model's weights, so it is not sent; the
 ``model`` digest makes a receiver with other weights fail clearly instead of decoding garbage.
 No key material is in the packet: the key travels as a :class:`~medsec.crypto.keys.KeyRef`.
+
+The header is only authenticated once its key has been derived, so a receiver checks every field's
+type and range first, and the ``kdf`` field against the fixed, bounded scrypt parameters of
+:func:`~medsec.crypto.keys.check_kdf_params` (a packet cannot make it spend more than one
+derivation at N <= 2^20); it keeps at most :data:`KEY_CACHE_SIZE` passphrase keys.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +47,7 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from medsec.crypto.aes import NONCE_BYTES, TAG_BYTES, cipher_for, seal, unseal
-from medsec.crypto.keys import KeyRef, SecretKey, new_kdf_params
+from medsec.crypto.keys import KeyRef, SecretKey, check_kdf_params, new_kdf_params
 from medsec.errors import DataError, SecurityError
 
 MAGIC = b"MEDSEC-CAE/1\n"
@@ -51,6 +58,13 @@ HEADER_FIELDS = ("format", "image_shape", "latent_shape", "levels", "model", "co
                  "envelope_bytes")
 SOURCE_BITS = 8
 """Bits per pixel and channel of the uncompressed image the compression ratio refers to."""
+MAX_HEADER_BYTES = 4096
+"""A header is a few hundred bytes; a longer one is refused before it is parsed."""
+MAX_EXTENT = 1 << 16
+"""Largest image or latent extent (and latent channel count) a header may give."""
+KEY_CACHE_SIZE = 8
+"""Passphrase keys a channel keeps (one per scrypt parameter set seen; least recently used go)."""
+_DIGEST = re.compile(r"[0-9a-f]{16}")
 
 
 # ---- entropy coding ------------------------------------------------------------------------------
@@ -92,33 +106,67 @@ def model_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_shape(value: Any, min_len: int, max_len: int) -> bool:
+    return (isinstance(value, list) and min_len <= len(value) <= max_len
+            and all(_is_int(extent, 1, MAX_EXTENT) for extent in value))
+
+
+def _check_header_fields(header: dict[str, Any], what: str) -> None:
+    """Types and ranges of the header fields (the header is authenticated only once the key it
+    names has been derived and the envelope opened, so nothing in it is trusted before)."""
+    if type(header["format"]) is not int or header["format"] != FORMAT_VERSION or header["coder"] != CODER:
+        shown = [value if isinstance(value, (int, str)) and len(str(value)) <= 32 else type(value).__name__
+                 for value in (header["format"], header["coder"])]
+        raise DataError(f"{what}: header field 'format'/'coder' is {shown[0]}/{shown[1]}; "
+                        f"this reader knows {FORMAT_VERSION}/{CODER}")
+    problems = {
+        "image_shape": (_is_shape(header["image_shape"], 3, 4), "a list [C, *spatial] of 2 or 3 spatial extents"),
+        "latent_shape": (_is_shape(header["latent_shape"], 3, 4), "a list [channels, *spatial]"),
+        "levels": (_is_int(header["levels"], 3, 255), "an integer from 3 to 255"),
+        "model": (isinstance(header["model"], str) and _DIGEST.fullmatch(header["model"]), "16 hex digits"),
+        "key_id": (isinstance(header["key_id"], str) and _DIGEST.fullmatch(header["key_id"]), "16 hex digits"),
+        "bits": (type(header["bits"]) is int and header["bits"] in (128, 256), "128 or 256"),
+        "envelope_bytes": (_is_int(header["envelope_bytes"], NONCE_BYTES + TAG_BYTES, 2**40),
+                           f"an integer of at least {NONCE_BYTES + TAG_BYTES}"),
+    }
+    for field, (ok, expected) in problems.items():
+        if not ok:
+            raise DataError(f"{what}: header field '{field}' must be {expected}")
+    if len(header["latent_shape"]) != len(header["image_shape"]):
+        raise DataError(f"{what}: header fields 'image_shape' and 'latent_shape' have different dimensions")
+    if header["kdf"] is not None:
+        check_kdf_params(header["kdf"], f"{what}: header field 'kdf'", error=DataError)
+
+
 def read_header(packet: bytes, what: str = "packet") -> tuple[dict[str, Any], bytes, bytes]:
     """Split a packet into (public header, authenticated prefix, envelope); a packet that is not a
-    ``MEDSEC-CAE/1`` packet, or whose header is damaged or incomplete, raises a :class:`DataError`
-    naming the field."""
+    ``MEDSEC-CAE/1`` packet, or whose header is damaged, incomplete or out of bounds (scrypt
+    parameters included), raises a :class:`DataError` naming the field."""
     if not packet.startswith(MAGIC):
         raise DataError(f"{what}: not a medsec compressed packet (magic is not {MAGIC!r})")
     start = len(MAGIC) + 4
     if len(packet) < start:
         raise DataError(f"{what}: truncated in the header length field")
     (length,) = struct.unpack(">I", packet[len(MAGIC):start])
+    if length > MAX_HEADER_BYTES:
+        raise DataError(f"{what}: the header length field says {length} bytes, more than a header can have "
+                        f"({MAX_HEADER_BYTES})")
     if len(packet) < start + length:
         raise DataError(f"{what}: truncated in the header ({len(packet) - start} of {length} bytes)")
     try:
         header = json.loads(packet[start:start + length])
-    except ValueError as err:
-        raise DataError(f"{what}: the header is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
+        raise DataError(f"{what}: the header is not valid JSON ({type(err).__name__})") from None
     if not isinstance(header, dict):
         raise DataError(f"{what}: the header is not a JSON object")
     missing = [field for field in HEADER_FIELDS if field not in header]
     if missing:
         raise DataError(f"{what}: header field(s) {missing} missing")
-    if header["format"] != FORMAT_VERSION or header["coder"] != CODER:
-        raise DataError(f"{what}: header field 'format'/'coder' is {header['format']}/{header['coder']}; "
-                        f"this reader knows {FORMAT_VERSION}/{CODER}")
-    kdf = header["kdf"]
-    if kdf is not None and not (isinstance(kdf, dict) and "salt" in kdf):
-        raise DataError(f"{what}: header field 'kdf' must be null or scrypt parameters with a salt")
+    _check_header_fields(header, what)
     envelope = packet[start + length:]
     if len(envelope) != header["envelope_bytes"]:
         raise DataError(f"{what}: truncated or padded: the envelope has {len(envelope)} bytes, header field "
@@ -147,13 +195,24 @@ class SecureChannel:
         self.bits = bits
         self.digest = model_digest(model)
         self.kdf = new_kdf_params() if self.key_ref.needs_kdf else None
-        self._keys: dict[str | None, SecretKey] = {}
+        self._keys: OrderedDict[tuple | None, SecretKey] = OrderedDict()
 
-    def _key(self, kdf: Mapping[str, Any] | None) -> SecretKey:
-        salt = kdf["salt"] if kdf else None
-        if salt not in self._keys:
-            self._keys[salt] = self.key_ref.load(kdf)
-        return self._keys[salt]
+    def _key(self, kdf: Mapping[str, Any] | None, what: str = "packet") -> SecretKey:
+        """The key for scrypt parameters ``kdf`` (``None`` for a key file or variable), checked
+        first; a small LRU cache keeps the last :data:`KEY_CACHE_SIZE`, so a stream of packets
+        with new salts costs at most one derivation each and never unbounded memory."""
+        slot: tuple | None = None  # a key file or variable: one key, whatever the packet says
+        if self.key_ref.needs_kdf and kdf is not None:
+            kdf = check_kdf_params(kdf, f"{what}: header field 'kdf'", error=DataError)
+            slot = tuple(kdf[name] for name in sorted(kdf))
+        if slot in self._keys:
+            self._keys.move_to_end(slot)
+            return self._keys[slot]
+        key = self.key_ref.load(kdf, f"{what}: header field 'kdf'")
+        self._keys[slot] = key
+        while len(self._keys) > KEY_CACHE_SIZE:
+            self._keys.popitem(last=False)
+        return key
 
     @property
     def prior(self) -> np.ndarray:
@@ -176,11 +235,11 @@ class SecureChannel:
         """Authenticate, decrypt and entropy-decode a packet: (header, integer latent)."""
         what = f"packet for image '{image_id}'"
         header, prefix, envelope = read_header(packet, what)
-        key = self._key(header["kdf"])
+        key = self._key(header["kdf"], what)
         if key.key_id != header["key_id"]:
             raise SecurityError(f"{what} was encrypted under key id {header['key_id']}, but "
                                 f"{self.key_ref.describe()} has key id {key.key_id}: wrong key")
-        payload = unseal(cipher_for(key, PURPOSE, int(header["bits"])), envelope,
+        payload = unseal(cipher_for(key, PURPOSE, header["bits"]), envelope,
                          _associated_data(prefix, image_id), what)
         self._check_model(header, what)
         return header, entropy_decode(bytes(payload), tuple(header["latent_shape"]), self.prior, what)

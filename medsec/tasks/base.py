@@ -10,9 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from torch import nn
 
+from medsec.core.checkpoint import read_checkpoint
+from medsec.core.registry import safe_instantiate
 from medsec.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class BaseTask(L.LightningModule, ABC):
         """Instantiate ``model.net`` with the arguments the data decide (classes, channels, dims)."""
         if "net" not in self.hparams.model:
             raise ConfigError("model.net is missing: the model config must say which network to build")
-        return instantiate(self.hparams.model["net"], **data_args)
+        return safe_instantiate(self.hparams.model["net"], "model.net", ("network",), **data_args)
 
     @staticmethod
     def gather_rows(rows: list[Any], key: Callable[[Any], Hashable]) -> list[Any]:
@@ -92,9 +93,7 @@ class BaseTask(L.LightningModule, ABC):
         """Copy matching weights from a checkpoint (or state dict); layers whose shape differs
         (a new class set's head) keep their fresh initialisation. Returns the replaced keys."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.init_from: checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path, field="model.init_from", run_info=False)
         state = state.get("state_dict", state)
         own = self.state_dict()
         fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -111,8 +110,8 @@ class BaseTask(L.LightningModule, ABC):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = instantiate(self.hparams.optimizer)(params=params)
+        optimizer = safe_instantiate(self.hparams.optimizer, "task.optimizer", ("optimizer",))(params=params)
         if not self.hparams.get("scheduler"):
             return {"optimizer": optimizer}
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        scheduler = safe_instantiate(self.hparams.scheduler, "task.scheduler", ("scheduler",))(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -220,11 +220,11 @@ class ClassificationTask(BaseTask):
         return buffer.getvalue().encode()
 
     def save_test_outputs(self, out_dir: str | Path, writer: OutputWriter) -> None:
-        """ROC and confusion plots (aggregates) under ``plots/``; per-image predictions through
-        ``writer`` (sealed when the run encrypts its outputs)."""
+        """ROC and confusion plots under ``plots/`` and per-image predictions, through ``writer``
+        (sealed when the run encrypts its outputs: on small test sets the ROC steps reveal cases)."""
         if self.test_curves:
             from medsec.viz import save_classification_plots
 
-            save_classification_plots(self.test_curves, out_dir)
+            save_classification_plots(self.test_curves, writer)
         if self.test_predictions:
             writer.write("predictions.csv", self.predictions_csv())

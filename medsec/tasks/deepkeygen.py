@@ -151,13 +151,16 @@ def save_key(path: str | Path, key: np.ndarray, generator_digest: str, key_ref: 
     header = json.dumps({"generator_sha256": generator_digest, "shape": list(key.shape)}).encode()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(seal_file_bytes(header + b"\n" + key.astype(np.uint8).tobytes(), key_ref, KEY_PURPOSE))
+    path.write_bytes(seal_file_bytes(header + b"\n" + key.astype(np.uint8).tobytes(), key_ref, KEY_PURPOSE,
+                                     name=path.name))
     return path
 
 
 def load_key(path: str | Path, key_ref: KeyRef) -> tuple[np.ndarray, str]:
     """Open a sealed key image: (key image, digest of the generator that made it)."""
-    header, _, raw = open_sealed_bytes(Path(path).read_bytes(), key_ref, KEY_PURPOSE, f"key file {path}").partition(b"\n")
+    path = Path(path)
+    sealed = open_sealed_bytes(path.read_bytes(), key_ref, KEY_PURPOSE, f"key file {path}", name=path.name)
+    header, _, raw = bytes(sealed).partition(b"\n")
     info = json.loads(header)
     key = np.frombuffer(raw, dtype=np.uint8)
     if key.size != int(np.prod(info["shape"])):

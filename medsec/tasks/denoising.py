@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from medsec.core.registry import check_targets
 from medsec.data.noise import RandNoise, build_noise, level_slug, noise_class
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
@@ -130,6 +131,7 @@ class DenoisingTask(BaseTask):
         net_cfg = hp.model.get("net") or {}
         if "_target_" not in net_cfg:
             raise ConfigError("model.net: the model config must give the network's _target_")
+        check_targets(net_cfg, "model.net", ("network",))  # before importing anything it names
         try:
             target = get_object(net_cfg["_target_"])
         except Exception as err:  # Hydra raises several types for a bad path

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
+from medsec.core.registry import safe_instantiate
 from medsec.crypto.ciphers import ImageCipher
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
@@ -106,7 +106,8 @@ class GANTask(BaseTask):
         """Instantiate ``model.<name>`` for this data's channels."""
         if name not in self.hparams.model:
             raise ConfigError(f"model.{name} is missing: {type(self).__name__} needs it")
-        return instantiate(self.hparams.model[name], in_channels=self.hparams.in_channels)
+        return safe_instantiate(self.hparams.model[name], f"model.{name}", ("network",),
+                                in_channels=self.hparams.in_channels)
 
     def configure_losses(self) -> None:
         self.adversarial = nn.MSELoss()
@@ -176,7 +177,7 @@ class GANTask(BaseTask):
         self._evaluate_step(batch, "test")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        make = instantiate(self.hparams.optimizer)
+        make = safe_instantiate(self.hparams.optimizer, "task.optimizer", ("optimizer",))
         return [make(params=list(self.generator_parameters())), make(params=list(self.discriminator_parameters()))]
 
 
@@ -193,7 +194,7 @@ class LearnedCipher(ImageCipher):
         """Load the task from a ``medsec train`` checkpoint (``ckpt_path=...``)."""
         if not ckpt_path:
             raise ConfigError(f"ckpt_path: cipher={cls.name} needs a trained checkpoint (ckpt_path=PATH)")
-        path = Path(ckpt_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"ckpt_path: checkpoint not found: {path}")
-        return cls(cls.task_class.load_from_checkpoint(path, map_location="cpu"))
+        from medsec.core.checkpoint import build_task, read_checkpoint
+
+        payload = read_checkpoint(ckpt_path)
+        return cls(build_task(payload, f"ckpt_path: {ckpt_path}", expect=cls.task_class))

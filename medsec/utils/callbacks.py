@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid
 
-CHECKPOINT_KEY = "medsec"
+from medsec.core.checkpoint import CHECKPOINT_KEY
 
 
 class StoreRunInfo(L.Callback):

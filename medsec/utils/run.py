@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medsec.errors import MedsecError
+from medsec.errors import ConfigError, MedsecError
 from medsec.utils.outputs import OutputWriter
 
 log = logging.getLogger("medsec")
@@ -115,13 +115,44 @@ def instantiate_list(cfg: DictConfig | None, **kwargs: Any) -> list[Any]:
     return [instantiate(entry, **kwargs) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
+def check_sealed_loggers(stage: Any, loggers: list[Any]) -> None:
+    """With ``crypto.encrypt_outputs=true``, refuse loggers whose files or servers would hold the
+    run's test metrics in clear (the CSV logger's files are sealed when the run ends)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not getattr(stage, "encrypt_outputs", False):
+        return
+    unsealable = sorted({type(lg).__name__ for lg in loggers if not isinstance(lg, CSVLogger)})
+    if unsealable:
+        raise ConfigError(f"logger: {', '.join(unsealable)} would keep per-run metrics in clear, which "
+                          "crypto.encrypt_outputs=true forbids; use logger=csv (sealed at the end) or logger=none")
+
+
+def seal_logger_files(trainer: Any, writer: OutputWriter, out_dir: Path) -> None:
+    """Replace the CSV logger's files under ``out_dir`` by sealed copies (``crypto.encrypt_outputs``)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or not Path(logger.log_dir).is_dir():
+            continue
+        logger.finalize("success")
+        for path in sorted(Path(logger.log_dir).rglob("*")):
+            if path.is_file() and not path.name.endswith(writer.suffix):
+                writer.write(path.relative_to(out_dir).as_posix(), path.read_bytes())
+                path.unlink()
+
+
 def publish_results(out_dir: str | Path, metrics: Mapping[str, float | None], task: Any,
-                    writer: OutputWriter | None = None) -> None:
+                    writer: OutputWriter | None = None, trainer: Any = None) -> None:
     """Write ``metrics.json`` and let the task save its test outputs (plots, per-case predictions)
-    through ``writer`` (plain files by default; a security stage's writer encrypts them)."""
+    through ``writer`` (plain files by default; a security stage's writer seals them, and then the
+    CSV logger's files of ``trainer`` are sealed too)."""
     out_dir = Path(out_dir)
-    write_json(out_dir / "metrics.json", metrics)
+    writer = writer or OutputWriter(out_dir)
+    writer.write_json("metrics.json", metrics)
     save = getattr(task, "save_test_outputs", None)
     if save is not None:
-        save(out_dir, writer or OutputWriter(out_dir))
+        save(out_dir, writer)
+    if writer.sealed and trainer is not None:
+        seal_logger_files(trainer, writer, out_dir)
     log.info("results in %s", out_dir)

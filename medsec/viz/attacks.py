@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from medsec.viz.plots import _save
 
-
-def plot_eps_curve(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_eps_curve(rows: Sequence[dict[str, Any]]) -> plt.Figure:
     """Adversarial metric against epsilon, one line per (attack, defence), clean level dotted."""
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -32,7 +29,7 @@ def plot_eps_curve(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return fig
 
 
 def _show(ax: Any, image: torch.Tensor, **kwargs: Any) -> None:

@@ -1,6 +1,7 @@
 """Plots for run directories: ROC curves, confusion matrices, sample grids (matplotlib, Agg)."""
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from medsec.utils.outputs import OutputWriter  # noqa: E402
+
+
+def png_bytes(fig: plt.Figure, dpi: int = 120) -> bytes:
+    """``fig`` as PNG bytes (then closed), for writers that may seal what they write."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,7 +32,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_roc(curves: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str], aucs: Sequence[float],
-             path: Path, title: str = "ROC curves (test)") -> Path:
+             title: str = "ROC curves (test)") -> plt.Figure:
     """One ROC curve per class (one-vs-rest) with its AUROC in the legend."""
     fig, ax = plt.subplots(figsize=(6.2, 5.6))
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(names), 2)))
@@ -32,10 +43,10 @@ def plot_roc(curves: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[st
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8 if len(names) > 6 else 9, title="class (AUROC)")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path) -> Path:
+def plot_confusion(matrix: np.ndarray, names: Sequence[str]) -> plt.Figure:
     """Row-normalised confusion matrix with counts (multi-class)."""
     counts = np.asarray(matrix)
     rates = counts / np.clip(counts.sum(1, keepdims=True), 1, None)
@@ -50,10 +61,10 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path) -> Path
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_yticklabels(names)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
-    return _save(fig, path)
+    return fig
 
 
-def plot_multilabel_confusion(matrices: np.ndarray, names: Sequence[str], path: Path) -> Path:
+def plot_multilabel_confusion(matrices: np.ndarray, names: Sequence[str]) -> plt.Figure:
     """One 2x2 confusion matrix per finding (multi-label)."""
     cols = min(5, len(names))
     rows = math.ceil(len(names) / cols)
@@ -68,12 +79,12 @@ def plot_multilabel_confusion(matrices: np.ndarray, names: Sequence[str], path: 
         ax.axis("off")
     fig.suptitle("per-finding confusion (rows true, columns predicted at 0.5)")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def save_classification_plots(curves: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write ``roc_curves.png`` and ``confusion_matrix.png`` from a task's ``test_curves``."""
-    out = Path(out_dir) / "plots"
+def save_classification_plots(curves: dict[str, Any], writer: OutputWriter) -> list[Path]:
+    """Write ``plots/roc_curves.png`` and ``plots/confusion_matrix.png`` from a task's
+    ``test_curves`` through ``writer`` (sealed when the run encrypts its outputs)."""
     names = curves["class_names"]
     roc = curves["roc"]
     aucs = curves["auroc"]
@@ -81,12 +92,9 @@ def save_classification_plots(curves: dict[str, Any], out_dir: str | Path) -> li
         roc, names_roc, aucs = roc[1:], [names[1]], aucs[1:]
     else:
         names_roc = names
-    paths = [plot_roc(roc, names_roc, aucs, out / "roc_curves.png")]
-    if curves["multilabel"]:
-        paths.append(plot_multilabel_confusion(curves["confusion"], names, out / "confusion_matrix.png"))
-    else:
-        paths.append(plot_confusion(curves["confusion"], names, out / "confusion_matrix.png"))
-    return paths
+    confusion = plot_multilabel_confusion if curves["multilabel"] else plot_confusion
+    return [writer.write("plots/roc_curves.png", png_bytes(plot_roc(roc, names_roc, aucs))),
+            writer.write("plots/confusion_matrix.png", png_bytes(confusion(curves["confusion"], names)))]
 
 
 def save_sample_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, cols: int = 8) -> Path:

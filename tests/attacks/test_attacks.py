@@ -18,7 +18,7 @@ from medsec.tasks.classification import ClassificationTask
 from medsec.tasks.segmentation import SegmentationTask
 
 OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
-SMALL_CNN = {"net": {"_target_": "medsec.models.classifiers.small_cnn", "width": 8}}
+SMALL_CNN = {"net": {"_target_": "medsec.models.small_cnn", "width": 8}}
 
 
 @pytest.fixture(scope="module")

@@ -44,15 +44,28 @@ def test_aes_128_needs_no_more_than_a_128_bit_key() -> None:
 def test_sealed_file_checks_purpose_and_key(tmp_path) -> None:
     ref = KeyRef(file=str(write_key_file(tmp_path / "a.key", SecretKey.generate())))
     other = KeyRef(file=str(write_key_file(tmp_path / "b.key", SecretKey.generate())))
-    blob = seal_file_bytes(b"weights", ref, "checkpoint")
-    assert open_sealed_bytes(blob, ref, "checkpoint", "f") == b"weights"
+    blob = seal_file_bytes(b"weights", ref, "checkpoint", name="checkpoints/best.ckpt", run_id="r1")
+    assert open_sealed_bytes(blob, ref, "checkpoint", "f", name="checkpoints/best.ckpt", run_id="r1") == b"weights"
     with pytest.raises(SecurityError, match="f holds a sealed checkpoint, not a output"):
-        open_sealed_bytes(blob, ref, "output", "f")
+        open_sealed_bytes(blob, ref, "output", "f", name="checkpoints/best.ckpt", run_id="r1")
     with pytest.raises(SecurityError, match="f was sealed under key id .* wrong key"):
-        open_sealed_bytes(blob, other, "checkpoint", "f")
+        open_sealed_bytes(blob, other, "checkpoint", "f", name="checkpoints/best.ckpt", run_id="r1")
     header_edit = blob.replace(b'"purpose": "checkpoint"', b'"purpose": "checkpoinX"')
     with pytest.raises(SecurityError, match="f failed authentication"):
-        open_sealed_bytes(header_edit, ref, "checkpoinX", "f")  # the header is authenticated too
+        open_sealed_bytes(header_edit, ref, "checkpoinX", "f", name="checkpoints/best.ckpt", run_id="r1")
+
+
+def test_sealed_file_is_bound_to_its_name_and_run(tmp_path) -> None:
+    ref = KeyRef(file=str(write_key_file(tmp_path / "a.key", SecretKey.generate())))
+    blob = seal_file_bytes(b"weights", ref, "checkpoint", name="checkpoints/best.ckpt", run_id="r1")
+    with pytest.raises(SecurityError, match="sealed as 'checkpoints/best.ckpt' of run r1, but is opened as "
+                                            "'checkpoints/last.ckpt' of run r1: it was renamed, swapped"):
+        open_sealed_bytes(blob, ref, "checkpoint", "f", name="checkpoints/last.ckpt", run_id="r1")
+    with pytest.raises(SecurityError, match="of run r1, but is opened as 'checkpoints/best.ckpt' of run r2"):
+        open_sealed_bytes(blob, ref, "checkpoint", "f", name="checkpoints/best.ckpt", run_id="r2")
+    renamed = blob.replace(b'"name": "checkpoints/best.ckpt"', b'"name": "checkpoints/last.ckpt"')
+    with pytest.raises(SecurityError, match="failed authentication"):  # the binding cannot be edited
+        open_sealed_bytes(renamed, ref, "checkpoint", "f", name="checkpoints/last.ckpt", run_id="r1")
 
 
 def test_large_envelopes_are_sealed_in_place_and_still_checked() -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from medsec.crypto.keys import KeyRef, SecretKey, new_kdf_params, parse_key_text, passphrase_key, write_key_file
+from medsec.crypto.keys import (
+    KeyRef,
+    SecretKey,
+    new_kdf_params,
+    parse_key_text,
+    passphrase_key,
+    write_key_file,
+)
 from medsec.errors import ConfigError
 
 MATERIAL = bytes(range(32))
@@ -29,9 +36,14 @@ def test_sub_keys_are_independent_per_purpose() -> None:
     assert a != b and MATERIAL not in (a, b) and key.derive("records", 32) == a
 
 
-@pytest.mark.parametrize("text", [MATERIAL.hex().encode() + b"\n", base64.b64encode(MATERIAL), MATERIAL])
+@pytest.mark.parametrize("text", [MATERIAL.hex().encode() + b"\n", base64.b64encode(MATERIAL)])
 def test_key_text_formats(text: bytes) -> None:
     assert parse_key_text(text, "k") == SecretKey(MATERIAL)
+
+
+def test_raw_key_bytes_are_not_key_text() -> None:
+    with pytest.raises(ConfigError, match="does not hold a 128- or 256-bit key as hex or base64"):
+        parse_key_text(MATERIAL, "k")
 
 
 def test_bad_key_text_does_not_quote_the_content() -> None:
@@ -63,10 +75,10 @@ def test_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_passphrase_key_depends_on_salt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_PASS", "correct horse battery staple")
-    kdf = new_kdf_params() | {"n": 2**10}
+    kdf = new_kdf_params() | {"n": 2**15}  # the cheapest cost still read (files before N = 2^17)
     ref = KeyRef(source="passphrase", passphrase_env="TEST_PASS")
     assert ref.load(kdf) == passphrase_key("correct horse battery staple", kdf)
-    assert ref.load(kdf) != ref.load(new_kdf_params() | {"n": 2**10})
+    assert ref.load(kdf) != ref.load(new_kdf_params() | {"n": 2**15})
     with pytest.raises(ConfigError, match="needs the scrypt parameters"):
         ref.load()
 

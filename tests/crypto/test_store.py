@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 
 from medsec.crypto import AESStage, KeyRef, SecretKey
 from medsec.crypto.keys import write_key_file
-from medsec.crypto.store import MANIFEST, RECORDS, EncryptedSource, RecordStore, decode_record, encode_record, write_store
+from medsec.crypto.store import (
+    MANIFEST,
+    RECORDS,
+    EncryptedSource,
+    RecordStore,
+    decode_record,
+    encode_record,
+    live_dir,
+    write_store,
+)
 from medsec.data import MedicalDataModule
 from medsec.data.sources import ChestXray14Source, FolderSource, MedMNISTSource
 from medsec.data.sources.base import DataSource
@@ -60,11 +69,11 @@ def test_round_trip_gives_the_same_batches(name: str, tmp_path: Path, stage: AES
     size = 8 if name in ("chestxray14", "folder") else None
     assert_same_batches(batches(source, size), batches(stage.wrap(source), size))
     assert_same_batches(batches(source, size), batches(stage.wrap(source), size, cache=False))
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = json.loads((live_dir(path) / MANIFEST).read_text())
     assert manifest["key_id"] == stage.key.load().key_id and manifest["algorithm"] == "AES-256-GCM"
-    assert stage.key.load().export_hex() not in (path / MANIFEST).read_text()
+    assert stage.key.load().export_hex() not in (live_dir(path) / MANIFEST).read_text()
     some_id = source.load().splits["test"][0]["id"]
-    assert some_id not in (path / MANIFEST).read_text()  # ids (NIH names carry patient numbers) are sealed
+    assert some_id not in (live_dir(path) / MANIFEST).read_text()  # ids (NIH names carry patient numbers) are sealed
     assert RecordStore(path, stage.key).records["test"][0][0] == some_id
 
 
@@ -86,9 +95,9 @@ def store(tmp_path: Path, stage: AESStage) -> RecordStore:
 
 def test_one_flipped_byte_names_the_record(store: RecordStore) -> None:
     _, offset, length, _ = store.records["val"][1]
-    data = bytearray((store.path / RECORDS).read_bytes())
+    data = bytearray((store.files / RECORDS).read_bytes())
     data[offset + length // 2] ^= 0x01
-    (store.path / RECORDS).write_bytes(bytes(data))
+    (store.files / RECORDS).write_bytes(bytes(data))
     with pytest.raises(SecurityError, match=r"record 1 of split 'val' \(id 'synthetic-val-000001'\) .* failed authentication"):
         store.read("val", 1)
     assert store.read("val", 0)["id"] == "synthetic-val-000000"  # the others are intact
@@ -98,23 +107,23 @@ def test_one_flipped_byte_names_the_record(store: RecordStore) -> None:
 def test_swapped_records_are_detected(store: RecordStore) -> None:
     (_, a, n, _), (_, b, m, _) = store.records["train"][0], store.records["train"][1]
     assert n == m
-    data = bytearray((store.path / RECORDS).read_bytes())
+    data = bytearray((store.files / RECORDS).read_bytes())
     data[a:a + n], data[b:b + n] = data[b:b + n], data[a:a + n]
-    (store.path / RECORDS).write_bytes(bytes(data))
+    (store.files / RECORDS).write_bytes(bytes(data))
     with pytest.raises(SecurityError, match=r"record 0 of split 'train' \(id 'synthetic-train-000000'\)"):
         store.read("train", 0)
 
 
 def test_edited_manifest_is_refused(store: RecordStore, key_ref: KeyRef) -> None:
-    manifest = json.loads((store.path / MANIFEST).read_text())
+    manifest = json.loads((store.files / MANIFEST).read_text())
     manifest["records"]["test"], manifest["records"]["val"] = manifest["records"]["val"], manifest["records"]["test"]
-    (store.path / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    (store.files / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     with pytest.raises(SecurityError, match="manifest of store .* failed authentication"):
         RecordStore(store.path, key_ref)
 
 
 def test_truncated_store_names_the_first_missing_record(store: RecordStore, key_ref: KeyRef) -> None:
-    records = store.path / RECORDS
+    records = store.files / RECORDS
     _, offset, _, _ = store.records["test"][2]
     records.write_bytes(records.read_bytes()[:offset + 5])
     with pytest.raises(SecurityError, match=r"record 2 of split 'test' .* is truncated"):
@@ -160,7 +169,7 @@ def test_passphrase_store_and_aes128(tmp_path: Path, monkeypatch: pytest.MonkeyP
     stage = AESStage(key={"source": "passphrase", "passphrase_env": "TEST_PASS"}, store_root=tmp_path, bits=128)
     source = SyntheticSource(num_samples=(4, 2, 2), image_size=12)
     path = encrypt_source(source, stage)
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = json.loads((live_dir(path) / MANIFEST).read_text())
     assert manifest["algorithm"] == "AES-128-GCM" and manifest["kdf"]["name"] == "scrypt"
     assert_same_batches(batches(source), batches(stage.wrap(source)))
     monkeypatch.setenv("TEST_PASS", "another passphrase")
@@ -172,7 +181,7 @@ def test_store_files_hold_no_plaintext(tmp_path: Path, stage: AESStage) -> None:
     source = SOURCES["medmnist"](tmp_path)
     path = encrypt_source(source, stage)
     image = source.load().splits["train"][0]["image"].tobytes()
-    blob = b"".join(p.read_bytes() for p in path.iterdir())
+    blob = b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file())
     assert image[100:164] not in blob
 
 
@@ -199,10 +208,10 @@ def test_property_round_trip_and_any_corruption(tmp_path: Path, key_ref: KeyRef,
     write_store(path, {"train": records, "val": [], "test": []}, dataset_id="prop", description={}, key_ref=key_ref)
     store = RecordStore(path, key_ref)
     assert [store.read("train", i)["id"] for i in range(len(records))] == [r["id"] for r in records]
-    data = bytearray((path / RECORDS).read_bytes())
+    data = bytearray((store.files / RECORDS).read_bytes())
     position = flip % len(data)
     data[position] ^= 1 << (cut % 8)
-    (path / RECORDS).write_bytes(bytes(data))
+    (store.files / RECORDS).write_bytes(bytes(data))
     damaged = next(i for i, entry in enumerate(store.records["train"]) if entry[1] <= position < entry[1] + entry[2])
     for i in range(len(records)):
         if i == damaged:
@@ -210,7 +219,7 @@ def test_property_round_trip_and_any_corruption(tmp_path: Path, key_ref: KeyRef,
                 store.read("train", i)
         else:
             assert np.array_equal(store.read("train", i)["image"], records[i]["image"])
-    (path / RECORDS).write_bytes(bytes(data[: cut % len(data)]))
+    (store.files / RECORDS).write_bytes(bytes(data[: cut % len(data)]))
     with pytest.raises(SecurityError, match="is truncated"):
         RecordStore(path, key_ref)
 
@@ -219,7 +228,7 @@ def test_cache_decrypts_once_in_memory(store: RecordStore, stage: AESStage) -> N
     source = EncryptedSource(store.path, stage.key)
     dm = MedicalDataModule(source, batch_size=4, num_workers=0, augment=False, cache=True)
     dm.setup()
-    (store.path / RECORDS).unlink()  # every later read would fail: the cache must serve the epoch
+    (store.files / RECORDS).unlink()  # every later read would fail: the cache must serve the epoch
     assert sum(len(b["label"]) for b in dm.val_dataloader()) == 3
     uncached = MedicalDataModule(source, batch_size=4, num_workers=0, augment=False, cache=False)
     with pytest.raises(DataError, match="is incomplete"):

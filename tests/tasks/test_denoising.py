@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from medsec.core.registry import register
 from medsec.data.datamodule import MedicalDataModule
 from medsec.data.sources.synthetic import SyntheticSource
 from medsec.denoising_baselines import GaussianFilter, NonLocalMeans, estimate_sigma
@@ -117,6 +118,7 @@ def test_estimated_sigma_matches_the_noise() -> None:
 
 
 def test_network_gets_only_the_data_arguments_it_takes(datamodule: MedicalDataModule) -> None:
+    register("network", "tests.tasks.test_denoising.OnlyChannels")  # a network from outside medsec
     offered = {"in_channels": 1, "out_channels": 1, "spatial_dims": 2}
     assert accepted_arguments(OnlyChannels, offered) == {"in_channels": 1}
     assert accepted_arguments(nn.Identity, offered) == offered  # takes **kwargs
@@ -132,7 +134,8 @@ def test_network_gets_only_the_data_arguments_it_takes(datamodule: MedicalDataMo
     ({"test_noise": {"gaussian": []}}, "task.test_noise.gaussian: give at least one level"),
     ({"patches_per_image": 0}, "task.patches_per_image must be positive"),
     ({"model": {"net": {"depth": 3}}}, "model.net: the model config must give the network's _target_"),
-    ({"model": {"net": {"_target_": "medsec.models.NoSuchNet"}}}, "model.net._target_: cannot import"),
+    ({"model": {"net": {"_target_": "medsec.models.NoSuchNet"}}},
+     "model.net: _target_ = 'medsec.models.NoSuchNet' is not a registered network target"),
 ])
 def test_bad_configuration_names_the_field(datamodule: MedicalDataModule, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

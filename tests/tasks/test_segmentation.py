@@ -13,6 +13,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medsec.core.registry import register
 from medsec.errors import ConfigError
 from medsec.tasks import SegmentationTask
 from medsec.utils.outputs import OutputWriter
@@ -83,6 +84,7 @@ def test_perfect_prediction_scores_dice_one_and_saves_niftis(tmp_path: Path) -> 
     labels[:, :, 2:6, 2:6, 2:5] = 1
     labels[:2, :, 7:10, 6:11, 3:7] = 2  # the last case has no class 2: left out of its mean
     affine = torch.tensor([[0.0, -1.5, 0, 10], [1.2, 0, 0, -5], [0, 0, 2, 3], [0, 0, 0, 1]], dtype=torch.float64)
+    register("network", "tests.tasks.test_segmentation.Oracle")  # a network from outside medsec
     task = make(model={"net": {"_target_": "tests.tasks.test_segmentation.Oracle"}}, spatial_dims=3,
                 roi_size=[8, 8, 8], num_overlays=2)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)

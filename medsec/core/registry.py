@@ -1,0 +1,130 @@
+"""The allowlist of what a config may build.
+
+Hydra builds any importable callable named by ``_target_``; a config read from a file someone sent
+(the run information and hyper-parameters inside a checkpoint) must not. Every ``_target_`` at
+every depth of such a config is checked against this registry before anything is instantiated,
+and the tasks check their own network, optimiser and scheduler configs the same way. A new
+network, source or task is usable once it is registered here (or with :func:`register`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from medsec.errors import ConfigError
+
+SPECIAL_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
+
+_REGISTRY: dict[str, set[str]] = {
+    "task": {
+        "medsec.tasks.ClassificationTask",
+        "medsec.tasks.segmentation.SegmentationTask",
+        "medsec.tasks.denoising.DenoisingTask",
+        "medsec.tasks.deepkeygen.DeepKeyGenTask",
+        "medsec.tasks.encipher_gan.EncipherGANTask",
+    },
+    "network": {
+        "medsec.models.small_cnn", "medsec.models.resnet", "medsec.models.densenet121", "medsec.models.he_cnn",
+        "medsec.models.compression.CompressiveAutoencoder",
+        "medsec.models.denoisers.DenoisingAutoencoder", "medsec.models.denoisers.DnCNN",
+        "medsec.models.deepkeygen.KeyGenerator", "medsec.models.deepkeygen.PatchCritic",
+        "medsec.models.encipher_gan.KeyedUNet", "medsec.models.encipher_gan.PatchCritic",
+        "monai.networks.nets.UNet", "monai.networks.nets.SegResNet", "monai.networks.nets.DynUNet",
+        "monai.networks.nets.AutoEncoder",
+        "medsec.denoising_baselines.GaussianFilter", "medsec.denoising_baselines.NonLocalMeans",
+    },
+    "data": {
+        "medsec.data.MedicalDataModule",
+        "medsec.data.segmentation.segmentation_transforms",
+        "medsec.data.sources.synthetic.SyntheticSource",
+        "medsec.data.sources.medmnist.MedMNISTSource",
+        "medsec.data.sources.chestxray14.ChestXray14Source",
+        "medsec.data.sources.folder.FolderSource",
+        "medsec.data.sources.decathlon.DecathlonSource",
+        "medsec.data.sources.decathlon_slices.DecathlonSlicesSource",
+    },
+    "optimizer": {"torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.RMSprop"},
+    "scheduler": {
+        "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.lr_scheduler.StepLR",
+        "torch.optim.lr_scheduler.ReduceLROnPlateau", "torch.optim.lr_scheduler.OneCycleLR",
+    },
+    "protection": {"medsec.crypto.AESStage", "medsec.crypto.perceptual.PerceptualStage",
+                   "medsec.attacks.defenses.AdversarialTraining"},
+    "cipher": {
+        "medsec.crypto.ciphers.AESCTRCipher", "medsec.crypto.ciphers.ChaoticCipher",
+        "medsec.tasks.deepkeygen.DeepKeyGenCipher.from_checkpoint",
+        "medsec.tasks.encipher_gan.EncipherGANCipher.from_checkpoint",
+    },
+    "runtime": {
+        "lightning.pytorch.Trainer",
+        "lightning.pytorch.callbacks.EarlyStopping", "lightning.pytorch.callbacks.LearningRateMonitor",
+        "lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pytorch.callbacks.RichModelSummary",
+        "lightning.pytorch.callbacks.RichProgressBar", "medsec.utils.callbacks.TrainThroughput",
+        "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "optuna.samplers.TPESampler",
+    },
+}
+KINDS = tuple(_REGISTRY)
+
+
+def register(kind: str, target: str) -> None:
+    """Allow configs to build ``target`` (a dotted import path) as a ``kind``."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown kind {kind!r}; one of {list(KINDS)}")
+    _REGISTRY[kind].add(target)
+
+
+def registered(*kinds: str) -> frozenset[str]:
+    """The targets registered under ``kinds`` (all kinds when none are given)."""
+    unknown = [kind for kind in kinds if kind not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown kind(s) {unknown}; one of {list(KINDS)}")
+    return frozenset().union(*(_REGISTRY[kind] for kind in kinds or KINDS))
+
+
+def _walk(node: Any, path: str) -> Iterable[tuple[str, str, Any]]:
+    """(dotted path, key, value) for every mapping entry and list item below ``node``."""
+    if isinstance(node, Mapping):
+        items = ((str(key), value) for key, value in node.items())
+    elif isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
+        items = ((f"[{index}]", value) for index, value in enumerate(node))
+    else:
+        return
+    for key, value in items:
+        child = f"{path}{key}" if key.startswith("[") else f"{path}.{key}" if path else key
+        yield child, key, value
+        yield from _walk(value, child)
+
+
+def check_targets(tree: Any, where: str, kinds: Iterable[str] = (), root: str = "") -> None:
+    """Refuse (``ConfigError`` naming ``where`` and the key's path below ``root``) any ``_target_``
+    in ``tree``, at any depth, that is not registered under ``kinds`` (all kinds when empty)."""
+    kinds = tuple(kinds)
+    allowed = registered(*kinds)
+    for path, key, value in _walk(tree, root):
+        if key == "_target_" and (not isinstance(value, str) or value not in allowed):
+            kind = "/".join(kinds) or "medsec"
+            raise ConfigError(f"{where}: {path} = {str(value)[:120]!r} is not a registered {kind} target; "
+                              "refusing to build it")
+
+
+def check_stored(tree: Any, where: str, kinds: Iterable[str] = (), root: str = "") -> None:
+    """:func:`check_targets`, and refuse what only a config typed by the user may hold: OmegaConf
+    interpolations (``${oc.env:...}`` would read the environment, keys included) and Hydra keys
+    other than the ones that describe a call."""
+    for path, key, value in _walk(tree, root):
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{where}: {path} holds an interpolation; stored configs must be resolved values")
+        if key.startswith("_") and key.endswith("_") and key not in SPECIAL_KEYS:
+            raise ConfigError(f"{where}: {path} is not a key a stored config may hold")
+    check_targets(tree, where, kinds, root)
+
+
+def safe_instantiate(cfg: Any, where: str, kinds: Iterable[str], **kwargs: Any) -> Any:
+    """Hydra's ``instantiate`` after :func:`check_targets`."""
+    from hydra.utils import instantiate
+
+    kinds = tuple(kinds)
+    check_targets(cfg, where, kinds)
+    return instantiate(cfg, **kwargs)
