@@ -6,13 +6,13 @@ import sys
 from collections.abc import Sequence
 
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("medsec.train", "train a task (default: the synthetic demo) and test its best checkpoint"),
-    "eval": ("medsec.eval", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
-    "attack": ("medsec.attack", "attack a checkpoint and measure robustness: attack ckpt_path=PATH attack=pgd"),
-    "encrypt": ("medsec.encrypt", "encrypted record stores and keys: encrypt [action=store|rotate|verify|keygen|decrypt]"),
-    "he": ("medsec.he", "homomorphic (CKKS) inference on a checkpoint's test split: he ckpt_path=PATH [mode=latency] [--remote URL]"),
-    "serve": ("medsec.serve", "HTTP service classifying CKKS ciphertexts: serve ckpt_path=PATH [port=8000]"),
-    "report": ("medsec.report", "cryptographic security report of an image cipher: report cipher=aes_ctr data=chestxray14"),
+    "train": ("medsec.commands.train", "train a task (default: the synthetic demo) and test its best checkpoint"),
+    "eval": ("medsec.commands.evaluate", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
+    "attack": ("medsec.commands.attack", "attack a checkpoint and measure robustness: attack ckpt_path=PATH attack=pgd"),
+    "encrypt": ("medsec.commands.encrypt", "encrypted record stores and keys: encrypt [action=store|rotate|verify|keygen|decrypt]"),
+    "he": ("medsec.commands.he", "homomorphic (CKKS) inference on a checkpoint's test split: he ckpt_path=PATH [mode=latency] [--remote URL]"),
+    "serve": ("medsec.commands.serve", "HTTP service classifying CKKS ciphertexts: serve ckpt_path=PATH [port=8000]"),
+    "report": ("medsec.commands.report", "cryptographic security report of an image cipher: report cipher=aes_ctr data=chestxray14"),
 }
 
 FLAG_ALIASES = {"--rotate": "action=rotate", "--verify": "action=verify"}

@@ -2,7 +2,7 @@
 """Benchmark attacks and defences and write the ``adversarial`` section of BENCHMARKS.md.
 
 On PneumoniaMNIST (official split, 28x28): trains a standard small CNN, the same network with PGD
-adversarial training (``+defense=pgd_at``) and a second standard network (the transfer surrogate),
+adversarial training (``protect=[adversarial_training]``) and a second standard network (the transfer surrogate),
 then runs ``medsec attack`` (in-process, the real verb) for the survey's Table-1 rows: FGSM, BIM,
 PGD-10, PGD-L2, C&W, DeepFool, JSMA and UAP, white-box and transfer, with JPEG/median defences and
 the detector. Also times medsec's PGD against calling torchattacks directly on the same model and
@@ -16,43 +16,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchattacks
-from hydra.core.global_hydra import GlobalHydra
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.attack import attack as attack_verb  # noqa: E402
-from medsec.attack import detection_cell  # noqa: E402
-from medsec.attacks import adapter_for, build_attack  # noqa: E402
-from medsec.tasks.classification import ClassificationTask  # noqa: E402
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config  # noqa: E402
+from medsec import api
+from medsec.analysis.attacks import adapter_for, build_attack
+from medsec.analysis.attacks.report import detection_cell
+from medsec.tasks.classification import ClassificationTask
+from medsec.utils.benchmarks import benchmark_parser, fmt, machine_summary, mark, publish
+from medsec.utils.config import REPO_ROOT
 
 SECTION = "adversarial"
 DATA = ["data=medmnist", "model=small_cnn", "model.net.width=32", "data.augment=false"]
 GOAL_AT_GAIN, GOAL_CLEAN_DROP, GOAL_DETECTOR, GOAL_OVERHEAD = 30.0, 5.0, 0.95, 1.10
 
 
-def _run(verb: Any, name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    cfg = compose_config(name, overrides, output_dir=out)
-    try:
-        return verb(cfg)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def train_models(work: Path, epochs: int, quick: bool, reuse: bool = False) -> dict[str, Path]:
     limit = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2"] if quick else []
     common = [*DATA, f"trainer.max_epochs={epochs}", "callbacks.rich_progress_bar=null", *limit]
-    runs = {"standard": [], "pgd_at": ["+defense=pgd_at", "callbacks.adversarial_training.steps=5"],
+    runs = {"standard": [], "pgd_at": ["protect=[adversarial_training]", "protect.adversarial_training.steps=5"],
             "surrogate": ["seed=7"]}
     paths = {}
     for name, extra in runs.items():
@@ -61,7 +47,7 @@ def train_models(work: Path, epochs: int, quick: bool, reuse: bool = False) -> d
             print(f"[adv] reusing {paths[name]}", flush=True)
             continue
         start = time.perf_counter()
-        metrics = _run(train, "train", [*common, *extra], work / name)
+        metrics = api.run("train", [*common, *extra], work / name)
         print(f"[adv] trained {name}: test acc {metrics.get('test/acc'):.3f} in {time.perf_counter() - start:.0f} s", flush=True)
     return paths
 
@@ -85,7 +71,7 @@ def attack_rows(ckpts: dict[str, Path], work: Path, quick: bool) -> list[dict[st
     for i, (label, ckpt, extra) in enumerate(plans):
         overrides = [f"ckpt_path={ckpts[ckpt]}", f"max_images={n}", "train_images=512", *extra]
         start = time.perf_counter()
-        report = _run(attack_verb, "attack", overrides, work / f"attack-{i}")
+        report = api.run("attack", overrides, work / f"attack-{i}")
         for row in report["rows"]:
             rows.append(row | {"model": label, "threat": report["threat"], "wall_s": time.perf_counter() - start})
         print(f"[adv] {label} {' '.join(extra)}: {len(report['rows'])} rows", flush=True)
@@ -114,10 +100,6 @@ def overhead(ckpt: Path, reps: int) -> dict[str, float]:
     return result
 
 
-def _f(value: Any, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def render(rows: list[dict[str, Any]], cost: dict[str, float], args: argparse.Namespace, epochs: int) -> str:
     def eps(r: dict[str, Any]) -> str:
         if r["eps"] is None:
@@ -127,7 +109,7 @@ def render(rows: list[dict[str, Any]], cost: dict[str, float], args: argparse.Na
     lines = [f"Command: `python scripts/benchmark_adversarial.py{' --quick' if args.quick else ''}` "
              f"({time.strftime('%Y-%m-%d')}). Machine: {machine_summary()}.", "",
              f"PneumoniaMNIST (28x28, official test split), `model=small_cnn` (width 32) trained {epochs} epochs: "
-             "*standard*; *pgd_at* = the same with `+defense=pgd_at` (PGD-5 at 2/255 during training); "
+             "*standard*; *pgd_at* = the same with `protect=[adversarial_training]` (PGD-5 at 2/255 during training); "
              "*transfer* = examples crafted on a second standard network (seed 7), evaluated on *standard*. "
              "Metric: test accuracy; success = correct predictions turned wrong (targeted: the target reached).", "",
              "| model | threat | attack | eps | defence | targeted | clean acc | adv acc | degradation % | success % | L-inf | L2 | SSIM | PSNR dB | ms/img | detector AUC (fooled / all) |",
@@ -135,9 +117,9 @@ def render(rows: list[dict[str, Any]], cost: dict[str, float], args: argparse.Na
     for r in rows:
         success = None if r["success_rate"] is None else 100 * r["success_rate"]
         lines.append(f"| {r['model']} | {r['threat']} | {r['attack']} | {eps(r)} | {r['defense']} | {r['targeted'] or '-'} | "
-                     f"{_f(r['clean'])} | {_f(r['adversarial'])} | {_f(r['degradation_pct'], 1)} | {_f(success, 1)} | "
-                     f"{_f(r['linf'], 4)} | {_f(r['l2'], 3)} | {_f(r['ssim'])} | {_f(r['psnr'], 1)} | "
-                     f"{_f(r['ms_per_image'], 1)} | {detection_cell(r)} |")
+                     f"{fmt(r['clean'])} | {fmt(r['adversarial'])} | {fmt(r['degradation_pct'], 1)} | {fmt(success, 1)} | "
+                     f"{fmt(r['linf'], 4)} | {fmt(r['l2'], 3)} | {fmt(r['ssim'])} | {fmt(r['psnr'], 1)} | "
+                     f"{fmt(r['ms_per_image'], 1)} | {detection_cell(r)} |")
     lines += ["", *goals(rows, cost)]
     lines += ["", f"Attack throughput, PGD-10 at 2/255 on 256 images of the standard model: medsec {cost['medsec']:.2f} s "
               f"({cost['images_per_s']:.0f} images/s) vs torchattacks.PGD called directly {cost['torchattacks']:.2f} s; "
@@ -157,8 +139,8 @@ def goals(rows: list[dict[str, Any]], cost: dict[str, float]) -> list[str]:
         gain = 100 * (robust["adversarial"] - standard["adversarial"])
         drop = 100 * (standard["clean"] - robust["clean"])
         out.append(f"- PGD-AT raises PGD-10 robust accuracy at 2/255 by {gain:.1f} points (goal >= {GOAL_AT_GAIN:.0f}): "
-                   f"{'met' if gain >= GOAL_AT_GAIN else '**MISSED**'}; clean accuracy drops {drop:.1f} points "
-                   f"(goal <= {GOAL_CLEAN_DROP:.0f}): {'met' if drop <= GOAL_CLEAN_DROP else '**MISSED**'}.")
+                   f"{mark(gain >= GOAL_AT_GAIN)}; clean accuracy drops {drop:.1f} points "
+                   f"(goal <= {GOAL_CLEAN_DROP:.0f}): {mark(drop <= GOAL_CLEAN_DROP)}.")
         ceiling = 100 * (standard["clean"] - standard["adversarial"])
         if gain < GOAL_AT_GAIN and ceiling < GOAL_AT_GAIN:
             out.append(f"  The standard model keeps {standard['adversarial']:.3f} of its {standard['clean']:.3f} clean "
@@ -168,18 +150,16 @@ def goals(rows: list[dict[str, Any]], cost: dict[str, float]) -> list[str]:
         auc = standard["detection_auc"]
         out.append(f"- Detector (LID, KD, confidence, squeezing) AUC against PGD at 2/255: {auc:.3f} on the {standard['detection_pairs']} "
                    f"correctly classified test images whose attack succeeded, against their adversarial examples "
-                   f"(Ma et al. 2018's protocol; goal >= {GOAL_DETECTOR}): {'met' if auc >= GOAL_DETECTOR else '**MISSED**'}. "
+                   f"(Ma et al. 2018's protocol; goal >= {GOAL_DETECTOR}): {mark(auc >= GOAL_DETECTOR)}. "
                    f"Over every attacked image, failed attacks included: {standard['detection_auc_all']:.3f}.")
     out.append(f"- Attack overhead vs torchattacks: {cost['ratio']:.2f} (goal <= {GOAL_OVERHEAD}): "
-               f"{'met' if cost['ratio'] <= GOAL_OVERHEAD else '**MISSED**'}.")
+               f"{mark(cost['ratio'] <= GOAL_OVERHEAD)}.")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser = benchmark_parser(__doc__, SECTION, quick="a short smoke run")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
     parser.add_argument("--work", default=str(REPO_ROOT / "outputs" / "benchmarks" / "adversarial"))
     parser.add_argument("--reuse", action="store_true", help="keep checkpoints already in --work (same seeds and recipe)")
     args = parser.parse_args(argv)
@@ -189,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = attack_rows(ckpts, work, args.quick)
     cost = overhead(ckpts["standard"], reps=1 if args.quick else 5)
     markdown = render(rows, cost, args, epochs)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     return 0
 
 

@@ -15,12 +15,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,19 +26,13 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hydra.core.global_hydra import GlobalHydra
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.crypto import AESStage, KeyRef, SecretKey  # noqa: E402
-from medsec.crypto.aes import seal  # noqa: E402
-from medsec.crypto.keys import write_key_file  # noqa: E402
-from medsec.crypto.store import RecordStore, write_store  # noqa: E402
-from medsec.encrypt import encrypt_source  # noqa: E402
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config  # noqa: E402
+from medsec import api
+from medsec.protections import KeyRef, SecretKey
+from medsec.protections.aes import seal
+from medsec.protections.keys import write_key_file
+from medsec.protections.store import RecordStore, write_store
+from medsec.utils.benchmarks import benchmark_parser, machine_summary, parse_args, publish, timed_train
 
 SECTION = "aes"
 SIZES = {"28x28 image (784 B)": 784, "256x256 image (64 KiB)": 65536, "16 KiB": 16384, "1 MiB": 1 << 20}
@@ -49,7 +41,7 @@ GOAL_EPOCH = 1.05
 
 
 def gcm_throughput(size: int, seconds: float) -> float:
-    """Bytes per second of medsec's envelope (:func:`medsec.crypto.aes.seal`: AES-256-GCM with a
+    """Bytes per second of medsec's envelope (:func:`medsec.protections.aes.seal`: AES-256-GCM with a
     fresh nonce) on ``size``-byte buffers."""
     cipher, data = AESGCM(os.urandom(32)), os.urandom(size)
     count, start = 0, time.perf_counter()
@@ -101,15 +93,6 @@ def bench_records(key_ref: KeyRef, work: Path, count: int) -> list[dict[str, Any
     return rows
 
 
-def _epoch_seconds(overrides: list[str], out: Path) -> list[float]:
-    cfg = compose_config("train", [*overrides, f"+callbacks.throughput.path={out / 'throughput.json'}"], output_dir=out)
-    try:
-        train(cfg)
-    finally:
-        GlobalHydra.instance().clear()
-    return [e["seconds"] for e in json.loads((out / "throughput.json").read_text())["epochs"]]
-
-
 def bench_epochs(work: Path, quick: bool, reps: int) -> list[dict[str, Any]]:
     base = ["data=medmnist", "model=small_cnn", "model.net.width=32", "test=false", "trainer.limit_val_batches=1",
             "callbacks.rich_progress_bar=null",
@@ -121,8 +104,8 @@ def bench_epochs(work: Path, quick: bool, reps: int) -> list[dict[str, Any]]:
         for rep in range(reps):
             for mode in ("plain", "aes"):  # interleaved, so drift hits both alike
                 extra = ["crypto=aes"] if mode == "aes" else []
-                seconds = _epoch_seconds([*base, f"data.cache={cache}", *extra], work / f"{mode}-{cache}-{rep}")
-                times[mode] += seconds[1:]  # the first epoch warms up workers and caches
+                _, epochs, _ = timed_train([*base, f"data.cache={cache}", *extra], work / f"{mode}-{cache}-{rep}")
+                times[mode] += [e["seconds"] for e in epochs[1:]]  # the first epoch warms up workers and caches
         plain, aes = statistics.median(times["plain"]), statistics.median(times["aes"])
         rows.append({"cache": cache == "true", "plain_s": plain, "aes_s": aes, "ratio": aes / plain,
                      "epochs_measured": len(times["aes"])})
@@ -139,7 +122,7 @@ def render(raw: list[dict], records: list[dict], epochs: list[dict], args: argpa
 
     lines = [f"Command: `python scripts/benchmark_aes.py{' --quick' if args.quick else ''}` "
              f"({time.strftime('%Y-%m-%d')}). Machine: {machine_summary()}.", "",
-             "**Raw AES-256-GCM** (medsec's envelope `medsec.crypto.aes.seal`: `cryptography` AESGCM, fresh 96-bit nonce, "
+             "**Raw AES-256-GCM** (medsec's envelope `medsec.protections.aes.seal`: `cryptography` AESGCM, fresh 96-bit nonce, "
              "in place from 64 KiB) "
              f"vs `openssl speed -evp aes-256-gcm -bytes N` on the same machine; goal >= {GOAL_RAW} of OpenSSL on large buffers.", "",
              "| buffer | medsec MB/s | OpenSSL MB/s | ratio |", "|---|---:|---:|---:|"]
@@ -166,14 +149,10 @@ def render(raw: list[dict], records: list[dict], epochs: list[dict], args: argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
+    parser = benchmark_parser(__doc__, SECTION, quick="a short smoke run")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each epoch-time run")
     parser.add_argument("--records", type=int, default=2000)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.reps, args.records = 1, 200
+    args = parse_args(parser, argv, quick={"reps": 1, "records": 200})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         key_file = write_key_file(work / "bench.key", SecretKey.generate())
@@ -181,14 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MEDSEC_KEY_FILE"], os.environ["MEDSEC_STORE_DIR"] = str(key_file), str(work / "stores")
         raw = bench_raw(0.3 if args.quick else 2.0)
         records = bench_records(key_ref, work, args.records)
-        cfg = compose_config("train", ["data=medmnist"], output_dir=work / "compose")
-        source = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.data).source
-        GlobalHydra.instance().clear()
-        encrypt_source(source, AESStage(key=key_ref, store_root=work / "stores"))
+        api.run("encrypt", ["data=medmnist"], work / "encrypt")  # the store of `crypto=aes` (key and store from the environment)
         epochs = bench_epochs(work, args.quick, args.reps)
     markdown = render(raw, records, epochs, args)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     return 0
 
 

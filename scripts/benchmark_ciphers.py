@@ -11,22 +11,15 @@ synthetic set at 256x256 when the sample is absent). One row per cipher; every f
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.global_hydra import GlobalHydra
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.crypto.metrics import NPCR_IDEAL, UACI_IDEAL, chi_square_critical, critical_values  # noqa: E402
-from medsec.report import report  # noqa: E402
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config, default_data_dir  # noqa: E402
+from medsec import api
+from medsec.analysis.ciphers.statistics import NPCR_IDEAL, UACI_IDEAL, chi_square_critical, critical_values
+from medsec.utils.benchmarks import benchmark_parser, machine_summary, parse_args, publish
+from medsec.utils.config import default_data_dir
 
 SECTION = "ciphers"
 CLASSICAL = ("aes_ctr", "chaotic")
@@ -41,19 +34,11 @@ def data_overrides() -> tuple[list[str], str]:
             "synthetic images (NIH sample absent)")
 
 
-def compose_and_run(verb: str, overrides: list[str], out: Path) -> Any:
-    cfg = compose_config(verb, overrides, output_dir=out)
-    try:
-        return {"train": train, "report": report}[verb](cfg)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def train_learned(name: str, data: list[str], work: Path, quick: bool) -> tuple[Path, float]:
     """Train ``experiment=<name>_cxr`` (on the benchmark's data); returns the best checkpoint and minutes."""
     start = time.perf_counter()
     extra = ["callbacks.rich_progress_bar=null", *(QUICK_TRAIN if quick else [])]
-    compose_and_run("train", [f"experiment={name}_cxr", *data, *extra], work / f"train-{name}")
+    api.run("train", [f"experiment={name}_cxr", *data, *extra], work / f"train-{name}")
     print(f"[ciphers] trained {name} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return work / f"train-{name}" / "checkpoints" / "best.ckpt", (time.perf_counter() - start) / 60
 
@@ -116,30 +101,25 @@ def render(results: list[tuple[dict[str, Any], float | None]], data_name: str, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--nist-sequences", type=int, default=32)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.images, args.nist_sequences = 24, 8
+    parser = benchmark_parser(__doc__, SECTION, quick="a short smoke run")
+    parser.add_argument("--images", type=int, default=100, help="test images per cipher")
+    parser.add_argument("--nist-sequences", type=int, default=32, help="keystreams for the NIST SP 800-22 tests")
+    args = parse_args(parser, argv, quick={"images": 24, "nist_sequences": 8})
     data, data_name = data_overrides()
     settings = [f"num_images={args.images}", f"nist_sequences={args.nist_sequences}"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in CLASSICAL:
-            results.append((compose_and_run("report", [f"cipher={name}", *data, *settings], work / name), None))
+            results.append((api.run("report", [f"cipher={name}", *data, *settings], work / name), None))
         for name in LEARNED:
             ckpt, minutes = train_learned(name, data, work, args.quick)
             overrides = [f"cipher={name}", f"ckpt_path={ckpt}", *data, *settings]
-            results.append((compose_and_run("report", overrides, work / name), minutes))
+            results.append((api.run("report", overrides, work / name), minutes))
         for result, _ in results:
             print(f"[ciphers] {result['summary']}", flush=True)
     markdown = render(results, data_name, args)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     return 0
 
 

@@ -16,25 +16,26 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config  # noqa: E402
+from medsec.utils.benchmarks import (
+    benchmark_parser,
+    command,
+    fmt,
+    machine_summary,
+    produced_by,
+    publish,
+    timed_train,
+)
+from medsec.utils.config import REPO_ROOT, compose_config
 
 SECTION = "classification"
 MEDMNIST_REF = "MedMNIST v2 ResNet-18 (28), Yang et al. 2023 (medmnist.github.io)"
@@ -64,55 +65,22 @@ GOAL_MINUTES = 15.0
 GOAL_RATIO = 0.90
 
 
-# ---- helpers ------------------------------------------------------------------------------------
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _compose(overrides: list[str], out_dir: Path, throughput_json: Path | None = None) -> DictConfig:
-    cfg = compose_config("train", overrides, output_dir=out_dir)
-    if throughput_json is not None:
-        with open_dict(cfg):
-            if not cfg.get("callbacks"):
-                cfg.callbacks = {}
-            cfg.callbacks.throughput = {"_target_": "medsec.utils.callbacks.TrainThroughput",
-                                        "path": str(throughput_json)}
-    return cfg
-
-
-def _run_train(overrides: list[str], out_dir: Path) -> tuple[dict[str, Any], list[dict[str, float]], float]:
-    """One in-process ``medsec train``; returns (metrics, per-epoch throughput, wall seconds)."""
-    throughput_json = out_dir / "throughput.json"
-    cfg = _compose(overrides, out_dir, throughput_json)
-    start = time.perf_counter()
-    try:
-        metrics = train(cfg)
-    finally:
-        GlobalHydra.instance().clear()
-    wall = time.perf_counter() - start
-    epochs = json.loads(throughput_json.read_text())["epochs"] if throughput_json.exists() else []
-    return metrics, epochs, wall
-
-
 def _rate(epochs: list[dict[str, float]], clock: str = "seconds") -> float | None:
     """Images per second of ``clock``: wall time (``seconds``) or process CPU time (``cpu_seconds``)."""
     seconds = sum(e[clock] for e in epochs)
     return sum(e["images"] for e in epochs) / seconds if seconds > 0 else None
 
 
-def _command(overrides: list[str]) -> str:
-    return "medsec train " + " ".join(shlex.quote(o) for o in overrides)
-
-
 # ---- accuracy benchmark -------------------------------------------------------------------------
 def bench_dataset(key: str, out_root: Path, extra: list[str], quick: bool) -> dict[str, Any]:
     spec = DATASETS[key]
     overrides = [f"experiment={spec['experiment']}", *extra, *(QUICK if quick else [])]
-    print(f"[benchmark] {key}: {_command(overrides)}", flush=True)
-    metrics, epochs, wall = _run_train(overrides, out_root / spec["experiment"])
+    line = command("train", overrides)
+    print(f"[benchmark] {key}: {line}", flush=True)
+    metrics, epochs, wall = timed_train(overrides, out_root / spec["experiment"])
     row = {
         "key": key,
-        "command": _command(overrides),
+        "command": line,
         "test_auroc": metrics.get("test/auroc"),
         "test_acc": metrics.get("test/acc"),
         "val_auroc_best": metrics.get("val/auroc_best"),
@@ -123,8 +91,8 @@ def bench_dataset(key: str, out_root: Path, extra: list[str], quick: bool) -> di
                       if k.startswith("test/auroc_")},
         "run_dir": str(out_root / spec["experiment"]),
     }
-    print(f"[benchmark] {key}: test AUROC {_fmt(row['test_auroc'])} ACC {_fmt(row['test_acc'])} "
-          f"in {wall / 60:.1f} min, {_fmt(row['train_images_per_s'], 1)} train img/s", flush=True)
+    print(f"[benchmark] {key}: test AUROC {fmt(row['test_auroc'])} ACC {fmt(row['test_acc'])} "
+          f"in {wall / 60:.1f} min, {fmt(row['train_images_per_s'], 1)} train img/s", flush=True)
     return row
 
 
@@ -196,10 +164,9 @@ def bench_overhead(out_root: Path, reps: int, epochs: int, batches: int) -> dict
     for rep in range(reps):
         bare_cfg = compose_config("train", variants["medsec (no augmentation)"],
                                   output_dir=out_root / "overhead" / "bare")
-        GlobalHydra.instance().clear()
         record("bare PyTorch", rep, _bare_loop(bare_cfg, epochs, batches))
         for name, overrides in variants.items():
-            _, per_epoch, _ = _run_train(overrides, out_root / "overhead" / f"{slugs[name]}-{rep}")
+            _, per_epoch, _ = timed_train(overrides, out_root / "overhead" / f"{slugs[name]}-{rep}")
             record(name, rep, per_epoch)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu_rates.items()}
@@ -220,12 +187,10 @@ def bench_overhead(out_root: Path, reps: int, epochs: int, batches: int) -> dict
 # ---- report -------------------------------------------------------------------------------------
 def render(args: argparse.Namespace, rows: list[dict[str, Any]], overhead: dict[str, Any] | None,
            started: dt.datetime, total_s: float) -> str:
-    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         "## Classification on real data",
         "",
-        f"Produced by `python scripts/benchmark_classification.py {argv}`".rstrip() + f" on "
-        f"{started:%Y-%m-%d %H:%M} UTC in {total_s / 60:.0f} min.",
+        f"{produced_by('benchmark_classification.py', started)} in {total_s / 60:.0f} min.",
         f"Machine: {machine_summary()}. The machine was shared with another engineer's test runs while this "
         "ran, so times and images/s are pessimistic and noisy (repeat runs vary by tens of per cent).",
     ]
@@ -246,9 +211,9 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], overhead: dict[
             spec = DATASETS[row["key"]]
             ref_auc, ref_acc, _ = spec["reference"]
             lines.append(
-                f"| {spec['title']} | {spec['split']} | {_fmt(row['test_auroc'])} | {_fmt(row['test_acc'])} "
-                f"| {_fmt(ref_auc)} / {_fmt(ref_acc)} | {row['epochs']} | {row['wall_s'] / 60:.1f} min "
-                f"| {_fmt(row['train_images_per_s'], 0)} | `{row['command']}` |"
+                f"| {spec['title']} | {spec['split']} | {fmt(row['test_auroc'])} | {fmt(row['test_acc'])} "
+                f"| {fmt(ref_auc)} / {fmt(ref_acc)} | {row['epochs']} | {row['wall_s'] / 60:.1f} min "
+                f"| {fmt(row['train_images_per_s'], 0)} | `{row['command']}` |"
             )
         lines += ["", "References:"]
         refs = {DATASETS[r["key"]]["reference"][2] for r in rows}
@@ -282,7 +247,7 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
                      "images, ImageNet-pretrained, 224 px). ACC is the mean per-finding accuracy, dominated "
                      "by negatives.")
         if nih["per_class"]:
-            cells = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in nih["per_class"].items())
+            cells = ", ".join(f"{k} {fmt(v, 2)}" for k, v in nih["per_class"].items())
             notes.append(f"- NIH per-finding test AUROC: {cells}.")
     return notes
 
@@ -329,10 +294,10 @@ def _misses(rows: list[dict[str, Any]], overhead: dict[str, Any] | None, quick: 
         ref_auc, ref_acc, _ = spec["reference"]
         auc, acc = row["test_auroc"], row["test_acc"]
         if row["key"] == "nih":
-            misses.append(f"{spec['title']}: test AUROC {_fmt(auc)} vs CheXNet {ref_auc:.3f}, expected with "
+            misses.append(f"{spec['title']}: test AUROC {fmt(auc)} vs CheXNet {ref_auc:.3f}, expected with "
                           "this sample (see the note); not a goal here.")
         elif auc is None or auc < ref_auc:
-            misses.append(f"{spec['title']}: test AUROC {_fmt(auc)} is below the MedMNIST {ref_auc:.3f}.")
+            misses.append(f"{spec['title']}: test AUROC {fmt(auc)} is below the MedMNIST {ref_auc:.3f}.")
         if ref_acc is not None and acc is not None and acc < ref_acc:
             misses.append(f"{spec['title']}: test ACC {acc:.3f} is below the MedMNIST {ref_acc:.3f} "
                           "(the AUROC is the goal; ACC is reported for comparison).")
@@ -346,13 +311,9 @@ def _misses(rows: list[dict[str, Any]], overhead: dict[str, Any] | None, quick: 
 
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, SECTION, quick="smoke mode: a couple of batches per stage")
     parser.add_argument("--datasets", nargs="*", choices=sorted(DATASETS), default=list(DATASETS),
                         help="data sets to benchmark (default: all; none: only the overhead)")
-    parser.add_argument("--quick", action="store_true", help="smoke mode: a couple of batches per stage")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
-                        help="markdown file whose 'classification' section is (re)written")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="run directories (default: outputs/benchmarks/<timestamp>)")
     parser.add_argument("--no-overhead", dest="overhead", action="store_false",
@@ -380,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         overhead = bench_overhead(out_root, reps=reps, epochs=2, batches=batches)
     total = time.perf_counter() - t0
     markdown = render(args, rows, overhead, started, total)
-    update_section(args.output, SECTION, markdown)
+    publish(args.output, SECTION, markdown)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "overhead": overhead}, indent=2, default=str) + "\n")
-    print(markdown)
     print(f"[benchmark] wrote section '{SECTION}' of {args.output}; runs in {out_root}")
     return 0
 

@@ -5,7 +5,7 @@
 For each rate point (latent channels x quantisation levels) the compressive autoencoder is trained
 with ``experiment=secure_compression_cxr`` (``task=denoising``: 64x64 patches of the NIH sample at
 256x256 with Gaussian noise sigma 0-0.05), its entropy model is fitted on training images, and test
-images are sent through :class:`medsec.crypto.transmission.SecureChannel` (range coding + AES-256-GCM)
+images are sent through :class:`medsec.protections.transmission.SecureChannel` (range coding + AES-256-GCM)
 clean and with Gaussian noise (sigma 0.05). Each received image is compared with the clean image,
 beside the JPEG (Pillow, optimised Huffman tables) of the same input whose file size is closest to
 the packet's. Rates count whole files: the packet's header, nonce and tag; JPEG's headers.
@@ -15,7 +15,6 @@ the packet's. Rates count whole files: the packet's header, nonce and tag; JPEG'
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,19 +22,16 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.crypto.keys import KeyRef, SecretKey, write_key_file  # noqa: E402
-from medsec.crypto.transmission import SecureChannel, image_quality, jpeg_at_bpp, transmit  # noqa: E402
-from medsec.data.datamodule import build_datamodule  # noqa: E402
-from medsec.data.noise import GaussianNoise  # noqa: E402
-from medsec.tasks.denoising import DenoisingTask  # noqa: E402
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config, default_data_dir  # noqa: E402
+from medsec import api
+from medsec.data.datamodule import build_datamodule
+from medsec.data.noise import GaussianNoise
+from medsec.protections.keys import KeyRef, SecretKey, write_key_file
+from medsec.protections.transmission import SecureChannel, image_quality, jpeg_at_bpp, transmit
+from medsec.tasks.denoising import DenoisingTask
+from medsec.utils.benchmarks import benchmark_parser, data_config, machine_summary, update_section
+from medsec.utils.config import default_data_dir
 
 SECTION = "secure_compression"
 RATE_POINTS = ((4, 5), (8, 5), (16, 7))
@@ -52,13 +48,9 @@ def train_point(channels: int, levels: int, work: Path, quick: bool) -> tuple[Se
                  *(QUICK_TRAIN if quick else [])]
     out = work / f"train-{channels}x{levels}"
     start = time.perf_counter()
-    cfg = compose_config("train", overrides, output_dir=out)
-    try:
-        train(cfg)
-        datamodule = build_datamodule(cfg.data)
-    finally:
-        GlobalHydra.instance().clear()
+    api.run("train", overrides, out)
     minutes = (time.perf_counter() - start) / 60
+    datamodule = build_datamodule(OmegaConf.load(out / "config.yaml").data)  # the data it was trained on
     model = DenoisingTask.load_from_checkpoint(out / "checkpoints" / "best.ckpt", map_location="cpu").net.eval()
     datamodule.setup("fit")
     batches = [batch["image"] for _, batch in zip(range(2 if quick else 8), datamodule.train_dataloader())]
@@ -68,13 +60,9 @@ def train_point(channels: int, levels: int, work: Path, quick: bool) -> tuple[Se
     return SecureChannel(model, key), minutes
 
 
-def test_images(count: int, work: Path) -> list[torch.Tensor]:
+def test_images(count: int) -> list[torch.Tensor]:
     """The first ``count`` test images of the recipe's data (NIH sample at 256x256)."""
-    cfg = compose_config("train", ["experiment=secure_compression_cxr"], output_dir=work / "data")
-    try:
-        datamodule = build_datamodule(cfg.data)
-    finally:
-        GlobalHydra.instance().clear()
+    datamodule = build_datamodule(data_config(["experiment=secure_compression_cxr"]))
     datamodule.setup("test")
     images: list[torch.Tensor] = []
     for batch in datamodule.test_dataloader():
@@ -152,13 +140,11 @@ def section(results: list[tuple[str, str, dict[str, float]]], minutes: list[floa
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one rate point, a few steps, 2 images (smoke test)")
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__, SECTION, quick="one rate point, a few steps, 2 images (smoke test)")
     parser.add_argument("--images", type=int, default=16, help="test images measured")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (Path(default_data_dir()) / "nih_cxr14_sample").is_dir():
         sys.exit(f"the NIH sample is needed: {Path(default_data_dir()) / 'nih_cxr14_sample'} not found")
     torch.set_num_threads(args.threads)
@@ -167,7 +153,7 @@ def main() -> None:
     count = 2 if args.quick else args.images
     results, minutes = [], []
     with tempfile.TemporaryDirectory(prefix="medsec-compression-") as tmp:
-        images = test_images(count, Path(tmp))
+        images = test_images(count)
         for channels, levels in points:
             channel, train_minutes = train_point(channels, levels, Path(tmp), args.quick)
             minutes.append(train_minutes)
@@ -178,7 +164,8 @@ def main() -> None:
     command = "python " + " ".join(["scripts/benchmark_compression.py", *sys.argv[1:]])
     path = update_section(args.output, SECTION, section(results, minutes, command, count, time.perf_counter() - start))
     print(f"[compression] wrote section '{SECTION}' of {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

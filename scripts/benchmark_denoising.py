@@ -16,28 +16,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.data.noise import level_slug  # noqa: E402
-from medsec.tasks.denoising import DenoisingTask  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import CONFIG_DIR, compose_config  # noqa: E402
+from medsec.data.noise import level_slug
+from medsec.tasks.denoising import DenoisingTask
+from medsec.utils.benchmarks import benchmark_parser, data_config, machine_summary, produced_by, publish
+from medsec.utils.config import CONFIG_DIR
 
 SECTION = "denoising"
-OUT_DIR = REPO_ROOT / "outputs" / "benchmarks" / "denoising"
 GOAL_DB = 1.0
 DATASETS: dict[str, dict[str, Any]] = {
     "cxr": {"title": "NIH ChestX-ray14 sample, 256x256", "experiment": "denoising_cxr",
@@ -54,8 +46,8 @@ NETWORKS: dict[str, dict[str, Any]] = {
     "DnCNN": {"config": "dncnn", "net": {"depth": 8, "features": 32}, "steps": 1000, "minutes": 5.5, "lr": 2e-3},
 }
 BASELINES: dict[str, dict[str, Any]] = {
-    "Gaussian filter": {"_target_": "medsec.denoising_baselines.GaussianFilter", "sigma": 1.0},
-    "NLM": {"_target_": "medsec.denoising_baselines.NonLocalMeans"},
+    "Gaussian filter": {"_target_": "medsec.models.baselines.GaussianFilter", "sigma": 1.0},
+    "NLM": {"_target_": "medsec.models.baselines.NonLocalMeans"},
 }
 QUICK = {"steps": 10, "test_images": 8}
 
@@ -63,11 +55,7 @@ QUICK = {"steps": 10, "test_images": 8}
 def datamodule(spec: dict[str, Any], quick: bool) -> L.LightningDataModule:
     """The experiment's data module (its data config, resolved as ``medsec train`` would)."""
     overrides = [f"experiment={spec['experiment']}", *spec["overrides"], *(spec["quick"] if quick else [])]
-    try:
-        data_cfg = OmegaConf.to_container(compose_config("train", overrides, output_dir=OUT_DIR).data, resolve=True)
-    finally:
-        GlobalHydra.instance().clear()
-    data_cfg |= {"batch_size": spec["batch"], "num_workers": 0}
+    data_cfg = data_config(overrides) | {"batch_size": spec["batch"], "num_workers": 0}
     return instantiate(data_cfg, _convert_="all")
 
 
@@ -135,14 +123,13 @@ def rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render(args: argparse.Namespace, benches: list[dict[str, Any]], started: dt.datetime, wall: float) -> str:
-    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
     methods = [*BASELINES, *NETWORKS]
     level_names = {"poisson": "dose", "rician": "sigma", "gaussian": "sigma", "speckle": "sigma"}
     lines = [
         "## Denoising on real images (noisy input, Gaussian filter, non-local means, DAE, DnCNN)",
         "",
-        f"Produced by `python scripts/benchmark_denoising.py {argv}`".rstrip() + f" on {started:%Y-%m-%d %H:%M} UTC "
-        f"in {wall / 60:.1f} min. Machine: {machine_summary()}. The machine was shared with other jobs while this ran.",
+        f"{produced_by('benchmark_denoising.py', started)} in {wall / 60:.1f} min. Machine: {machine_summary()}. "
+        "The machine was shared with other jobs while this ran.",
     ]
     if args.quick:
         lines += ["", "**Smoke mode (`--quick`): few images, 10 training steps; the figures mean nothing.**"]
@@ -200,11 +187,7 @@ def render(args: argparse.Namespace, benches: list[dict[str, Any]], started: dt.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke mode: few images, 10 training steps")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
-                        help="markdown file whose 'denoising' section is (re)written")
+    parser = benchmark_parser(__doc__, SECTION, quick="smoke mode: few images, 10 training steps")
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=list(DATASETS),
                         help="data sets to run")
     parser.add_argument("--budget", type=float, default=1.0,
@@ -216,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     benches = [bench_dataset(key, args.quick, args.budget) for key in args.data]
     markdown = render(args, benches, started, time.perf_counter() - start)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     print(f"[benchmark] wrote section '{SECTION}' of {args.output}")
     return 0
 

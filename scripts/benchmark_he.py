@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,35 +25,17 @@ from typing import Any
 
 import httpx
 import numpy as np
-from hydra.core.global_hydra import GlobalHydra
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.crypto.he import HEClient  # noqa: E402
-from medsec.crypto.he.remote import RemoteServer  # noqa: E402
-from medsec.he import homomorphic  # noqa: E402
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config  # noqa: E402
+from medsec import api
+from medsec.he import HEClient
+from medsec.he.remote import RemoteServer
+from medsec.he.testing import free_port
+from medsec.utils.benchmarks import benchmark_parser, machine_summary, mark, publish
+from medsec.utils.config import REPO_ROOT
 
 SECTION = "he"
 RESNET18_ACC = 0.897  # `pneumoniamnist_resnet18` test accuracy, classification section of BENCHMARKS.md
 GOALS = {"agreement": 0.998, "auroc_gap": 0.005, "latency_s": 0.5, "throughput_ms": 10.0, "acc_gap": 0.02}
-
-
-def run(verb: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    cfg = compose_config(verb, overrides, output_dir=out)
-    try:
-        return {"train": train, "he": homomorphic}[verb](cfg)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_test(ckpt: Path, work: Path, clients: int, seconds: float, images: np.ndarray) -> dict[str, Any]:
@@ -105,10 +86,6 @@ def load_test(ckpt: Path, work: Path, clients: int, seconds: float, images: np.n
             "max_s": max(latencies) if latencies else None}
 
 
-def mark(ok: bool) -> str:
-    return "met" if ok else "**MISSED**"
-
-
 def render(trained: dict, thr: dict, lat: dict, load: dict, args: argparse.Namespace, train_s: float) -> str:
     slots = thr["params"]["slots"]
     batch_s = thr["ms_per_image"] * thr["images"] / 1000  # one batch: every slot costs the same
@@ -139,7 +116,7 @@ def render(trained: dict, thr: dict, lat: dict, load: dict, args: argparse.Names
         f"linear 32->2), trained in {train_s / 60:.1f} min; plaintext test acc {trained.get('test/acc', float('nan')):.4f}, "
         f"AUROC {trained.get('test/auroc', float('nan')):.4f}. Parameters from the planner (precision 12 bits). "
         "Latency mode: one ciphertext per image, every layer a baby-step/giant-step diagonal product "
-        "(`medsec.crypto.he.diagonal`); its ms/image includes encoding the model's diagonals once per session.", "",
+        "(`medsec.he.diagonal`); its ms/image includes encoding the model's diagonals once per session.", "",
         "| mode | images | N | coeff moduli (bits) | plaintext acc / AUROC | encrypted acc / AUROC | argmax agreement % | "
         "max logit error | ms/image end-to-end | ms/image server | upload KiB/image | public context MiB | peak RSS MiB |",
         "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
@@ -166,8 +143,7 @@ def render(trained: dict, thr: dict, lat: dict, load: dict, args: argparse.Names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
+    parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--work", default=str(REPO_ROOT / "outputs" / "benchmarks" / "he"))
     parser.add_argument("--latency-images", type=int, default=20)
     parser.add_argument("--clients", type=int, default=3)
@@ -181,17 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt:
         ckpt, trained = Path(args.ckpt), {}
     else:
-        trained = run("train", ["experiment=pneumoniamnist_he_cnn", "callbacks.rich_progress_bar=null"], work / "train")
+        trained = api.run("train", ["experiment=pneumoniamnist_he_cnn", "callbacks.rich_progress_bar=null"], work / "train")
         ckpt = work / "train" / "checkpoints" / "best.ckpt"
     train_s = time.perf_counter() - start
-    thr = run("he", [f"ckpt_path={ckpt}", "mode=throughput"], work / "throughput")
+    thr = api.run("he", [f"ckpt_path={ckpt}", "mode=throughput"], work / "throughput")
     trained = trained or {"test/acc": thr["plaintext"]["acc"], "test/auroc": thr["plaintext"]["auroc"]}
-    lat = run("he", [f"ckpt_path={ckpt}", "mode=latency", f"max_images={args.latency_images}"], work / "latency")
+    lat = api.run("he", [f"ckpt_path={ckpt}", "mode=latency", f"max_images={args.latency_images}"], work / "latency")
     rng = np.random.default_rng(0)
     load = load_test(ckpt, work, args.clients, args.load_seconds, rng.random((args.load_batch, 1, 28, 28)))
     markdown = render(trained, thr, lat, load, args, train_s)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     return 0
 
 

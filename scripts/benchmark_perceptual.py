@@ -15,26 +15,20 @@ from __future__ import annotations
 
 import argparse
 import io
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from medsec.crypto.keys import SecretKey, write_key_file  # noqa: E402
-from medsec.crypto.perceptual import BlockScheme, PerceptualEncrypt  # noqa: E402
-from medsec.train import train  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from medsec.utils.config import compose_config, default_data_dir  # noqa: E402
+from medsec import api
+from medsec.protections.keys import SecretKey, write_key_file
+from medsec.protections.perceptual import BlockScheme, PerceptualEncrypt
+from medsec.utils.benchmarks import benchmark_parser, command, machine_summary, mark, parse_args, publish
+from medsec.utils.config import default_data_dir
 
 SECTION = "perceptual"
 TRAIN = ["data=medmnist", "data.source.flag=pneumoniamnist", "data.num_workers=0", "data.augment=false",
@@ -51,14 +45,10 @@ GOAL_PSNR_DROP = 0.5
 def train_variant(name: str, extra: list[str], key_file: Path, epochs: int, quick: bool, out: Path) -> dict[str, Any]:
     crypto = [] if name == "plain" else ["crypto=perceptual", f"crypto.key.file={key_file}"]
     overrides = [*TRAIN, f"trainer.max_epochs={epochs}", *crypto, *extra, *(QUICK_TRAIN if quick else [])]
-    cfg = compose_config("train", overrides, output_dir=out)
     start = time.perf_counter()
-    try:
-        metrics = train(cfg)
-    finally:
-        GlobalHydra.instance().clear()
-    command = "medsec train " + " ".join(shlex.quote(o) for o in overrides if not o.startswith("crypto.key.file"))
-    row = {"name": name, "command": command, "minutes": (time.perf_counter() - start) / 60,
+    metrics = api.run("train", overrides, out)
+    shown = [o for o in overrides if not o.startswith("crypto.key.file")]
+    row = {"name": name, "command": command("train", shown), "minutes": (time.perf_counter() - start) / 60,
            "acc": metrics.get("test/acc"), "auroc": metrics.get("test/auroc")}
     print(f"[perceptual] {name}: acc={row['acc']:.3f} auroc={row['auroc']:.3f} ({row['minutes']:.1f} min)", flush=True)
     return row
@@ -103,10 +93,6 @@ def bench_jpeg(images: list[np.ndarray], key: SecretKey) -> tuple[list[dict[str,
         rows.append(row)
         print(f"[perceptual] JPEG q={quality}: {row}", flush=True)
     return rows, timing
-
-
-def mark(ok: bool) -> str:
-    return "met" if ok else "**MISSED**"
 
 
 def render(train_rows: list[dict[str, Any]], jpeg_rows: list[dict[str, Any]], timing: dict[int, float],
@@ -157,14 +143,10 @@ def render(train_rows: list[dict[str, Any]], jpeg_rows: list[dict[str, Any]], ti
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--nih-images", type=int, default=50)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs, args.nih_images = 1, 4
+    parser = benchmark_parser(__doc__, SECTION, quick="a short smoke run")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs of each learnability run")
+    parser.add_argument("--nih-images", type=int, default=50, help="NIH sample images of the JPEG comparison")
+    args = parse_args(parser, argv, quick={"epochs": 1, "nih_images": 4})
     with tempfile.TemporaryDirectory() as tmp:
         key = SecretKey.generate()  # a fresh key, only in this temporary folder and in memory
         key_file = write_key_file(Path(tmp) / "keys" / "bench.key", key)
@@ -172,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         train_rows = [train_variant(name, extra, key_file, args.epochs, args.quick, Path(tmp) / f"run{i}")
                       for i, (name, extra) in enumerate(VARIANTS.items())]
     markdown = render(train_rows, jpeg_rows, timing, args)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     return 0
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +22,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from benchmark_classification import _command, _fmt, _run_train  # noqa: E402  (same folder)
-
-from medsec.tasks.segmentation import SegmentationTask  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
+from medsec.tasks.segmentation import SegmentationTask
+from medsec.utils.benchmarks import (
+    benchmark_parser,
+    command,
+    fmt,
+    machine_summary,
+    produced_by,
+    publish,
+    timed_train,
+)
+from medsec.utils.config import REPO_ROOT
 
 SECTION = "segmentation"
 EXPERIMENT = "hippocampus_unet3d"
@@ -62,24 +64,24 @@ def time_inference(run_dir: Path) -> dict[str, float]:
 
 def bench(out_dir: Path, extra: list[str], quick: bool) -> dict[str, Any]:
     overrides = [f"experiment={EXPERIMENT}", *extra, *(QUICK if quick else [])]
-    print(f"[benchmark] {_command(overrides)}", flush=True)
-    metrics, epochs, wall = _run_train(overrides, out_dir)
+    line = command("train", overrides)
+    print(f"[benchmark] {line}", flush=True)
+    metrics, epochs, wall = timed_train(overrides, out_dir)
     inference = time_inference(out_dir)
-    row = {"command": _command(overrides), "metrics": metrics, "epochs": len(epochs), "wall_s": wall,
+    row = {"command": line, "metrics": metrics, "epochs": len(epochs), "wall_s": wall,
            "train_s": sum(e["seconds"] for e in epochs), "inference": inference, "run_dir": str(out_dir)}
-    print(f"[benchmark] test Dice {_fmt(metrics.get('test/dice_mean'))} in {wall / 60:.1f} min; "
+    print(f"[benchmark] test Dice {fmt(metrics.get('test/dice_mean'))} in {wall / 60:.1f} min; "
           f"{inference['volumes_per_s']:.1f} volumes/s", flush=True)
     return row
 
 
 def render(args: argparse.Namespace, row: dict[str, Any], started: dt.datetime) -> str:
     m = row["metrics"]
-    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         "## Segmentation on real data (MSD Task04 Hippocampus)",
         "",
-        f"Produced by `python scripts/benchmark_segmentation.py {argv}`".rstrip() + f" on {started:%Y-%m-%d %H:%M} "
-        f"UTC. Machine: {machine_summary()}. The machine was shared with another engineer's jobs while this ran.",
+        f"{produced_by('benchmark_segmentation.py', started)}. Machine: {machine_summary()}. "
+        "The machine was shared with another engineer's jobs while this ran.",
     ]
     if args.quick:
         lines += ["", "**Smoke mode (`--quick`): 16 cases, one epoch, a tiny network; the figures mean nothing.**"]
@@ -95,15 +97,15 @@ def render(args: argparse.Namespace, row: dict[str, Any], started: dt.datetime) 
         "|---|---|---|---|",
     ]
     for name, ref in REFERENCE.items():
-        lines.append(f"| {name} | {_fmt(m.get(f'test/dice_{name}'))} | {ref:.2f} | {_fmt(m.get(f'test/hd95_{name}'), 2)} |")
-    lines.append(f"| **mean** | **{_fmt(m.get('test/dice_mean'))}** | {sum(REFERENCE.values()) / 2:.3f} "
-                 f"| {_fmt(m.get('test/hd95_mean'), 2)} |")
+        lines.append(f"| {name} | {fmt(m.get(f'test/dice_{name}'))} | {ref:.2f} | {fmt(m.get(f'test/hd95_{name}'), 2)} |")
+    lines.append(f"| **mean** | **{fmt(m.get('test/dice_mean'))}** | {sum(REFERENCE.values()) / 2:.3f} "
+                 f"| {fmt(m.get('test/hd95_mean'), 2)} |")
     inference = row["inference"]
     lines += [
         "",
         f"- Training: {row['epochs']} epochs, {row['train_s'] / 60:.1f} min in training steps; the whole "
         f"`medsec train` (data reading and checks, fitting with validation, testing, outputs) took "
-        f"{row['wall_s'] / 60:.1f} min. Best validation Dice {_fmt(m.get('val/dice_mean_best'))}.",
+        f"{row['wall_s'] / 60:.1f} min. Best validation Dice {fmt(m.get('val/dice_mean_best'))}.",
         f"- Inference: {inference['volumes_per_s']:.1f} test volumes/s ({inference['volumes']} volumes, "
         "sliding windows of the best checkpoint, data already in memory).",
         f"- Reproduce: `{row['command']}`" + (f" with {args.threads} torch thread(s)" if args.threads else "") + ".",
@@ -128,18 +130,14 @@ def _misses(row: dict[str, Any], quick: bool) -> list[str]:
     misses = []
     dice = row["metrics"].get("test/dice_mean")
     if dice is None or dice < GOAL_DICE:
-        misses.append(f"mean test Dice {_fmt(dice)} is below {GOAL_DICE:.2f}.")
+        misses.append(f"mean test Dice {fmt(dice)} is below {GOAL_DICE:.2f}.")
     if row["train_s"] > GOAL_MINUTES * 60:
         misses.append(f"training took {row['train_s'] / 60:.1f} min, over {GOAL_MINUTES:.0f} CPU minutes.")
     return misses
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke mode: 16 cases, one epoch, a tiny network")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
-                        help="markdown file whose 'segmentation' section is (re)written")
+    parser = benchmark_parser(__doc__, SECTION, quick="smoke mode: 16 cases, one epoch, a tiny network")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="run directory (default: outputs/benchmarks/<timestamp>/hippocampus_unet3d)")
     parser.add_argument("--threads", type=int, default=None,
@@ -153,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out_dir or REPO_ROOT / "outputs" / "benchmarks" / f"{started:%Y-%m-%d_%H-%M-%S}" / EXPERIMENT)
     row = bench(out_dir.resolve(), args.extra, args.quick)
     markdown = render(args, row, started)
-    update_section(args.output, SECTION, markdown)
-    print(markdown)
+    publish(args.output, SECTION, markdown)
     print(f"[benchmark] wrote section '{SECTION}' of {args.output}; run in {out_dir}")
     return 0
 

@@ -36,18 +36,13 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+import tenseal as ts
+import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import tenseal as ts  # noqa: E402
-import torch  # noqa: E402
-
-from medsec.crypto.he import HEClient, HEProgram, ModelCard, compile_model, pack, unpack  # noqa: E402
-from medsec.crypto.he.wire import ciphertext_to_bytes, load_ciphertext  # noqa: E402
-from medsec.models import he_cnn  # noqa: E402
-from medsec.utils.benchmarks import machine_summary, update_section  # noqa: E402
-from tests.security.serve_support import bomb_context, seal_object, uncompressed  # noqa: E402  (SEAL forgeries)
+from medsec.he import HEClient, HEProgram, ModelCard, pack, unpack
+from medsec.he.testing import bomb_context, free_port, rescaled, tiny_program, transparent
+from medsec.he.wire import ciphertext_to_bytes
+from medsec.utils.benchmarks import benchmark_parser, machine_summary, update_section
 
 SECTION = "serve-loadtest"
 MIB = 1 << 20
@@ -56,20 +51,12 @@ LIMITS = {"max_request_bytes": 32 * MIB, "max_context_bytes": 100 * MIB, "max_se
 SESSION = "x-medsec-session"
 
 
-def tiny_program() -> tuple[torch.nn.Module, HEProgram, torch.Tensor]:
-    """The tests' tiny he_cnn (8x8 images, conv 2x2x2 stride 2 -> square -> 32->4 -> square -> 4->2)."""
-    torch.manual_seed(0)
-    net = he_cnn(2, image_size=8, channels=2, kernel_size=2, stride=2, hidden=[4]).eval()
-    images = torch.rand(8, 1, 8, 8)
-    return net, compile_model(net, torch.rand(32, 1, 8, 8)), images
-
-
 def serve_child(port: int, tokens: Path, log_path: Path) -> None:
     """The server process: the app `medsec serve` builds, under uvicorn on 127.0.0.1."""
     import uvicorn
 
-    from medsec.crypto.he.remote import read_tokens
-    from medsec.serve import build_app
+    from medsec.he.remote import read_tokens
+    from medsec.he.service import build_app
 
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _, program, _ = tiny_program()
@@ -92,12 +79,6 @@ def own_cpu_s(server: psutil.Process) -> float:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Tally:
     """Answers by scenario and status (``transport`` for a request that got no answer)."""
 
@@ -115,22 +96,8 @@ class Tally:
                 self.problems.append(f"{scenario}: expected {sorted(expected)}, got {status} {detail[:200]}")
 
 
-def rescaled(client: HEClient, blob: bytes) -> bytes:
-    """``blob`` claiming another scale (SEAL would fail on it mid-evaluation)."""
-    ciphertext = load_ciphertext(client.context.seal_context().data, blob)
-    ciphertext.scale = 2.0 ** 45
-    return ciphertext_to_bytes(ciphertext)
-
-
-def transparent(client: HEClient, blob: bytes) -> bytes:
-    """``blob`` with its second component zeroed (SEAL refuses to compute on it)."""
-    header, members = uncompressed(blob)
-    words = client.params.poly_modulus_degree * (len(client.params.coeff_mod_bit_sizes) - 1)
-    return seal_object(header, members[:-8 * words] + bytes(8 * words))
-
-
 def load_test(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    net, program, images = tiny_program()
+    _, program, images = tiny_program()
     tokens = {name: secrets.token_urlsafe(32) for name in ("victim", "attacker", "client")}
     token_file = work / "tokens"
     token_file.touch(mode=0o600)
@@ -357,9 +324,8 @@ def render(result: dict[str, Any], args: argparse.Namespace, load_before: tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, SECTION)
     parser.add_argument("--seconds", type=float, default=90.0)
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"))
     parser.add_argument("--note", default="", help="a sentence for the section, e.g. what else ran on the machine")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)

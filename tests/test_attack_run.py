@@ -27,7 +27,6 @@ def test_attack_verb_writes_report_table_and_plots(learned_run: Path, tmp_path: 
         assert (tmp_path / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
 def test_transfer_from_a_surrogate(learned_run: Path, tmp_path: Path) -> None:
     run_verb("train", [*TINY, "seed=7", "trainer.max_epochs=1"], tmp_path / "surrogate")
     report = run_verb("attack", [f"ckpt_path={learned_run / 'checkpoints' / 'best.ckpt'}",
@@ -37,6 +36,7 @@ def test_transfer_from_a_surrogate(learned_run: Path, tmp_path: Path) -> None:
     assert report["rows"][0]["adversarial"] <= report["rows"][0]["clean"]
 
 
+@pytest.mark.slow
 def test_attack_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
     result = medsec_cli("attack", f"ckpt_path={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     output = result.stdout + result.stderr

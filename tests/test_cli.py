@@ -21,6 +21,7 @@ def test_unknown_verb_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown verb 'trian'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_help_is_hydra_help() -> None:
     result = medsec_cli("train", "--help", timeout=120)
     assert result.returncode == 0, result.stderr
@@ -41,6 +42,7 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_eval_requires_a_checkpoint(tmp_path: Path) -> None:
     result = medsec_cli("eval", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode == 1
@@ -87,6 +89,7 @@ def test_optuna_sweep_returns_the_monitored_metric(tmp_path: Path) -> None:
     assert f"best_value: {best}"[:18] in summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loading", [["data.cache=true"], ["data.cache=false", "data.num_workers=2"]],
                          ids=["cached", "in-workers"])
 def test_truncated_image_is_named(tmp_path: Path, loading: list[str]) -> None:

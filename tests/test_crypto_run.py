@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from medsec import cli
-from medsec.crypto.keys import read_key_file
-from medsec.crypto.store import MANIFEST, RECORDS, live_dir
+from medsec.protections.keys import read_key_file
+from medsec.protections.store import MANIFEST, RECORDS, live_dir
 from medsec.data.sources.synthetic import SyntheticSource
 from medsec.errors import ConfigError, DataError, SecurityError
 from tests.conftest import TINY, medsec_cli, read_metrics, run_verb
@@ -59,7 +59,7 @@ def test_encrypted_run_equals_plain_run_and_leaks_nothing(site: dict, tmp_path: 
     assert not [p for p, blob in zip(files, blobs) if np.asarray(test_image).tobytes()[:256] in blob]
 
     checkpoint = f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
-    with pytest.raises(ConfigError, match="is encrypted; add crypto=aes"):
+    with pytest.raises(ConfigError, match=r"is encrypted; add protect=\[aes\] \(or crypto=aes\)"):
         run_verb("eval", [checkpoint], tmp_path / "e1")
     evaluated = run_verb("eval", [checkpoint, "crypto=aes", "crypto.encrypt_outputs=true", *site["refs"]], tmp_path / "e2")
     assert evaluated["test/acc"] == pytest.approx(sealed["test/acc"], abs=1e-6)
@@ -78,6 +78,7 @@ def test_ddp_trains_from_the_encrypted_store(site: dict, tmp_path: Path) -> None
     assert (tmp_path / "train_rank1.log").is_file() and read_metrics(tmp_path)["test/acc"] > 0.3
 
 
+@pytest.mark.slow
 def test_tampered_store_is_named_by_verify_and_by_training(site: dict, tmp_path: Path) -> None:
     store = tmp_path / "store"
     shutil.copytree(site["store"], store)
@@ -114,7 +115,7 @@ def test_rotation_replaces_the_key_atomically(site: dict, tmp_path: Path) -> Non
 
 def test_flag_aliases_become_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    monkeypatch.setattr("medsec.encrypt.main", lambda: seen.append(list(__import__("sys").argv)))
+    monkeypatch.setattr("medsec.commands.encrypt.main", lambda: seen.append(list(__import__("sys").argv)))
     assert cli.main(["encrypt", "--rotate", "crypto.store=/x"]) == 0
     assert seen == [["medsec encrypt", "action=rotate", "crypto.store=/x"]]
 

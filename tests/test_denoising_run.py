@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from medsec import train as train_verb
+from medsec.commands import train as train_verb
 from medsec.utils.config import compose_config
+from medsec.utils.run import user_errors_exit
 from tests.conftest import read_metrics, run_verb
 
 QUIET = ["callbacks.rich_progress_bar=null", "callbacks.model_summary=null"]
@@ -38,7 +39,7 @@ def test_unknown_noise_model_is_a_clear_error(tmp_path: Path, caplog: pytest.Log
     cfg = compose_config("train", [*TINY, "task.noise.name=salt"], output_dir=tmp_path)
     try:
         with pytest.raises(SystemExit) as stopped:
-            train_verb.run(cfg)  # what `medsec train` runs: one log line, exit status 2
+            user_errors_exit(train_verb.train)(cfg)  # what `medsec train` runs: one log line, exit status 2
     finally:
         GlobalHydra.instance().clear()
     assert stopped.value.code == 2

@@ -9,21 +9,6 @@ import pytest
 from medsec.errors import ConfigError
 from tests.conftest import run_verb
 
-HE_TINY = [
-    "model=he_cnn", "model.net.image_size=12", "model.net.kernel_size=3", "model.net.stride=3",
-    "model.net.channels=2", "model.net.hidden=[4]",
-    "data.source.num_samples=[64,16,32]", "data.source.image_size=12", "data.source.num_classes=2",
-    "data.num_workers=0", "data.batch_size=32", "trainer.max_epochs=1",
-    "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "test=false",
-]
-
-
-@pytest.fixture(scope="module")
-def he_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("he_train")
-    run_verb("train", HE_TINY, out)
-    return out / "checkpoints" / "best.ckpt"
-
 
 def test_he_throughput_report(he_checkpoint: Path, tmp_path: Path) -> None:
     report = run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=throughput", "max_images=16",

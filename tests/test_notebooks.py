@@ -19,8 +19,6 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL_PROBE = "import sys\nprint('KERNEL_PREFIX=' + sys.prefix)"
 
-pytestmark = pytest.mark.slow
-
 
 def kernel_manager(kernel_dir: Path) -> AsyncKernelManager:
     """A ``python3`` kernel that runs this interpreter (the venv's), whatever kernel specs the user or
@@ -50,6 +48,7 @@ def test_notebooks_are_stored_without_outputs() -> None:
             f"{path.name}: no cell tagged 'parameters'"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the kernel inherits os.environ: tiny settings, and its temporary folders under tmp_path
@@ -66,7 +65,10 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     nb.cells.insert(0, nbformat.v4.new_code_cell(KERNEL_PROBE))
     client = NotebookClient(nb, km=kernel_manager(tmp_path / "kernels"), timeout=600,
                             resources={"metadata": {"path": str(workdir)}})
-    client.execute()  # raises CellExecutionError, with the failing cell and traceback, on any error
+    # raises CellExecutionError, with the failing cell and traceback, on any error; cleanup_kc: shut
+    # the kernel down (with a kernel manager of our own, nbclient otherwise leaves it running until
+    # pytest exits: one idle torch process per notebook, about 1 GB each)
+    client.execute(cleanup_kc=True)
 
     text = stream_text(nb)
     prefix = re.search(r"^KERNEL_PREFIX=(.*)$", text, re.MULTILINE)

@@ -7,14 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
-from medsec.crypto import KeyRef, SecretKey
-from medsec.crypto.keys import write_key_file
+from medsec.protections import KeyRef, SecretKey
+from medsec.protections.keys import write_key_file
 from medsec.errors import ConfigError
-from medsec.report import report
-from medsec.utils.config import compose_config
 from medsec.utils.run import user_error_message
+from tests.conftest import run_verb
 from tests.data.fakes import shared_data
 
 SYNTHETIC = ["data=synthetic", "data.source.num_samples=[8,8,24]", "data.source.image_size=32",
@@ -22,11 +20,7 @@ SYNTHETIC = ["data=synthetic", "data.source.num_samples=[8,8,24]", "data.source.
 
 
 def run_report(overrides: Sequence[str], out: Path) -> dict:
-    cfg = compose_config("report", overrides, output_dir=out)
-    try:
-        return report(cfg)
-    finally:
-        GlobalHydra.instance().clear()
+    return run_verb("report", overrides, out)
 
 
 def test_aes_ctr_passes_every_test_on_real_chest_xrays(tmp_path: Path) -> None:

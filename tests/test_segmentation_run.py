@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_metrics, run_verb
-from tests.data.fakes import shared_data
-from tests.data.test_decathlon import write_decathlon
+from tests.data.fakes import shared_data, write_decathlon
 
 QUIET = ["callbacks.rich_progress_bar=null", "callbacks.model_summary=null"]
 SYNTHETIC = ["experiment=synthetic_unet2d", "data.source.num_samples=[48,8,8]", "data.source.image_size=16",

@@ -9,11 +9,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from medsec.cli import VERBS, value_flags
-from medsec.crypto.he import HEClient, ModelCard, pack, unpack
-from medsec.crypto.he.remote import RemoteServer
+from medsec.he import HEClient, ModelCard, pack, unpack
+from medsec.he.remote import RemoteServer
 from medsec.errors import ConfigError
-from medsec.serve import SESSION_HEADER, build_app
-from tests.crypto.he.tiny import tiny
+from medsec.he.service import SESSION_HEADER, build_app
+from tests.he.tiny import tiny
 
 MIB = 1 << 20
 

@@ -5,8 +5,8 @@ A checkpoint someone sends you must not run code. :func:`read_checkpoint` loads 
 ``torch.load(weights_only=True)`` (tensors and plain containers only), refuses an unsealed file
 where sealing is on, and checks every config stored inside (the task's hyper-parameters and the
 run information ``medsec train`` adds) before anything is instantiated: every ``_target_`` at every
-depth must be registered (:mod:`medsec.core.registry`), interpolations are refused, and the crypto
-stage is rebuilt from its key *reference* fields, never instantiated as found.
+depth must be registered (:mod:`medsec.core.registry`), interpolations are refused, and the
+protections are rebuilt from its key *reference* fields, never instantiated as found.
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ from hydra.utils import get_class
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from medsec.core.registry import check_stored
-from medsec.crypto.aes import is_sealed
 from medsec.errors import ConfigError, SecurityError
+from medsec.protections.aes import is_sealed
 from medsec.utils.outputs import atomic_write, ensure_run_id
 
 CHECKPOINT_KEY = "medsec"
-"""The entry ``medsec train`` adds to every checkpoint: task class, data config, crypto reference."""
+"""The entry ``medsec train`` adds to every checkpoint: task class, data config, protections (key references)."""
 HPARAM_KINDS = ("network", "optimizer", "scheduler")
 STAGE_FIELDS = {
-    "medsec.crypto.AESStage": ("store_root", "store", "bits", "encrypt_checkpoints", "encrypt_outputs"),
-    "medsec.crypto.perceptual.PerceptualStage": ("block_size", "scramble", "rotate_flip", "negative_positive",
+    "medsec.protections.AESStage": ("store_root", "store", "bits", "encrypt_checkpoints", "encrypt_outputs"),
+    "medsec.protections.perceptual.PerceptualStage": ("block_size", "scramble", "rotate_flip", "negative_positive",
                                                  "channel_shuffle", "per_image"),
 }
 """The stages a checkpoint may name, with the plain fields it may set (besides the key reference)."""
@@ -65,7 +65,7 @@ def read_checkpoint(path: str | Path, stage: Any = None, field: str = "ckpt_path
         raise ConfigError(f"{field}: checkpoint not found: {path}")
     if is_sealed(path):
         if stage is None or not hasattr(stage, "open"):
-            raise ConfigError(f"{where} is encrypted; add crypto=aes with the key it was sealed with")
+            raise ConfigError(f"{where} is encrypted; add protect=[aes] (or crypto=aes) with the key it was sealed with")
         source: Path | io.BytesIO = io.BytesIO(stage.open(path, "checkpoint"))
     elif getattr(stage, "encrypt_checkpoints", False):
         raise SecurityError(f"{where} is not sealed, but crypto.encrypt_checkpoints=true: an unsealed checkpoint "
@@ -94,25 +94,28 @@ def check_payload(payload: Mapping[str, Any], where: str, run_info: bool = True)
     if not isinstance(info.get("data"), Mapping):
         raise ConfigError(f"{where}: {CHECKPOINT_KEY}.data is not a mapping")
     check_stored(info["data"], where, ("data",), f"{CHECKPOINT_KEY}.data")
-    if info.get("crypto") is not None:
-        check_stored(info["crypto"], where, ("protection",), f"{CHECKPOINT_KEY}.crypto")
+    if not isinstance(info.get("protect", []), list):
+        raise ConfigError(f"{where}: {CHECKPOINT_KEY}.protect is not a list")
+    check_stored(info.get("protect", []), where, ("protection",), f"{CHECKPOINT_KEY}.protect")
 
 
-def rebuild_stage(stored: Mapping[str, Any], where: str) -> Any:
-    """The security stage a training run used, built from the key reference and plain fields its
-    checkpoint stored (never instantiated from the stored config)."""
+def rebuild_protection(stored: Mapping[str, Any], where: str) -> Any:
+    """A protection a training run read its data through, built from the key reference and plain
+    fields its checkpoint stored (never instantiated from the stored config)."""
     target = stored.get("_target_")
     if target not in STAGE_FIELDS:
-        raise ConfigError(f"{where}: crypto._target_ {str(target)[:120]!r} is not a stage a checkpoint may name")
+        raise ConfigError(f"{where}: protect: _target_ {str(target)[:120]!r} is not a protection a checkpoint may name")
     key = stored.get("key")
     if not isinstance(key, Mapping) or set(key) - set(KEY_FIELDS) or \
             not all(value is None or isinstance(value, str) for value in key.values()):
-        raise ConfigError(f"{where}: crypto.key must be a key reference ({', '.join(KEY_FIELDS)}: strings)")
+        raise ConfigError(f"{where}: protect: key must be a key reference ({', '.join(KEY_FIELDS)}: strings)")
     fields = {name: stored[name] for name in STAGE_FIELDS[target] if name in stored}
     for name, value in fields.items():
         if value is not None and not isinstance(value, (str, int, bool)):
-            raise ConfigError(f"{where}: crypto.{name} must be a plain value")
-    return get_class(target)(key=dict(key), **fields)
+            raise ConfigError(f"{where}: protect: {name} must be a plain value")
+    protection = get_class(target)(key=dict(key), **fields)
+    protection.config = {"_target_": target, "key": dict(key), **fields}
+    return protection
 
 
 def build_task(payload: Mapping[str, Any], where: str, expect: type | None = None) -> Any:

@@ -31,7 +31,7 @@ _REGISTRY: dict[str, set[str]] = {
         "medsec.models.encipher_gan.KeyedUNet", "medsec.models.encipher_gan.PatchCritic",
         "monai.networks.nets.UNet", "monai.networks.nets.SegResNet", "monai.networks.nets.DynUNet",
         "monai.networks.nets.AutoEncoder",
-        "medsec.denoising_baselines.GaussianFilter", "medsec.denoising_baselines.NonLocalMeans",
+        "medsec.models.baselines.GaussianFilter", "medsec.models.baselines.NonLocalMeans",
     },
     "data": {
         "medsec.data.MedicalDataModule",
@@ -48,12 +48,12 @@ _REGISTRY: dict[str, set[str]] = {
         "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.lr_scheduler.StepLR",
         "torch.optim.lr_scheduler.ReduceLROnPlateau", "torch.optim.lr_scheduler.OneCycleLR",
     },
-    "protection": {"medsec.crypto.AESStage", "medsec.crypto.perceptual.PerceptualStage",
-                   "medsec.attacks.defenses.AdversarialTraining"},
+    "protection": {"medsec.protections.AESStage", "medsec.protections.perceptual.PerceptualStage",
+                   "medsec.protections.adversarial_training.AdversarialTraining"},
     "cipher": {
-        "medsec.crypto.ciphers.AESCTRCipher", "medsec.crypto.ciphers.ChaoticCipher",
-        "medsec.tasks.deepkeygen.DeepKeyGenCipher.from_checkpoint",
-        "medsec.tasks.encipher_gan.EncipherGANCipher.from_checkpoint",
+        "medsec.analysis.ciphers.classical.AESCTRCipher", "medsec.analysis.ciphers.classical.ChaoticCipher",
+        "medsec.analysis.ciphers.learned.DeepKeyGenCipher.from_checkpoint",
+        "medsec.analysis.ciphers.learned.EncipherGANCipher.from_checkpoint",
     },
     "runtime": {
         "lightning.pytorch.Trainer",

@@ -54,6 +54,8 @@ class MedicalDataModule(L.LightningDataModule):
             if value < 1:
                 raise ConfigError(f"data.{name} must be positive, got {value}")
         self.source = source
+        self.train_loader_hooks: list[Callable[[DataLoader], DataLoader]] = []
+        """Applied in order to the training loader (a protection's ``wrap_train_loader``)."""
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.in_channels = in_channels
@@ -150,7 +152,10 @@ class MedicalDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        for hook in self.train_loader_hooks:
+            loader = hook(loader)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -162,11 +167,13 @@ class MedicalDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-def build_datamodule(cfg: Any, stage: Any = None) -> MedicalDataModule:
-    """Instantiate the ``data`` config; a security stage (``crypto=...``) wraps its source."""
-    from hydra.utils import instantiate
+def build_datamodule(cfg: Any, protections: Any = None) -> MedicalDataModule:
+    """Instantiate the ``data`` config (registry-checked); ``protections`` wrap its source (an AES
+    store, perceptual encryption) and its training loader."""
+    from medsec.core.registry import safe_instantiate
 
-    datamodule = instantiate(cfg)
-    if stage is not None:
-        datamodule.source = stage.wrap(datamodule.source)
+    datamodule = safe_instantiate(cfg, "data", ("data",))
+    if protections is not None:
+        datamodule.source = protections.wrap_source(datamodule.source)
+        datamodule.train_loader_hooks.append(protections.wrap_train_loader)
     return datamodule

@@ -1,22 +1,32 @@
-"""The base every task stands on: model/loss/metric hooks, optimisers, fine-tuning."""
+"""The base every task stands on: model/loss/metric hooks, optimisers, fine-tuning, and the task
+contract: the metric a task is judged by (:attr:`BaseTask.monitor`, :attr:`BaseTask.mode`), its
+best-so-far value, what an attack on it ascends (:meth:`BaseTask.attack_objective`) and its test
+outputs (:meth:`BaseTask.save_test_outputs`, through an :class:`~medsec.utils.outputs.OutputWriter`)."""
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchmetrics.aggregation import MaxMetric, MinMetric
 
 from medsec.core.checkpoint import read_checkpoint
 from medsec.core.registry import safe_instantiate
 from medsec.errors import ConfigError
 
+if TYPE_CHECKING:
+    from medsec.tasks.objective import AttackObjective
+    from medsec.utils.outputs import OutputWriter
+
 log = logging.getLogger(__name__)
+
+MODES = ("max", "min")
 
 
 class BaseTask(L.LightningModule, ABC):
@@ -26,9 +36,27 @@ class BaseTask(L.LightningModule, ABC):
     ``pretrained``, ``init_from`` and ``freeze_backbone``); ``optimizer`` and ``scheduler`` are
     ``_partial_`` configs. All are stored as hyper-parameters, so ``load_from_checkpoint`` rebuilds
     the task without any config file.
+
+    The contract every concrete task fulfils:
+
+    * :attr:`monitor` and :attr:`mode`: the validation metric it is judged by (class attributes, or
+      properties when they depend on hyper-parameters). The runner picks the best checkpoint and
+      stops early on it; the task logs its best-so-far value as ``<monitor>_best`` every
+      validation epoch (and ``<name>_best`` for every metric of :attr:`also_tracked`).
+    * :meth:`validation_epoch_metrics`: the epoch's validation metrics (logged here, before the
+      best-so-far values); metrics logged per step with ``on_epoch=True`` count too.
+    * :meth:`attack_objective`: how adversarial attacks attack and score it, or a ``ConfigError``
+      saying it cannot be attacked.
+    * :meth:`save_test_outputs`: its test artifacts, written only through the writer it is given.
     """
 
     net: nn.Module
+    monitor: str
+    """The validation metric the task is judged by (``val/...``)."""
+    mode: str = "max"
+    """``max`` or ``min``: which way :attr:`monitor` improves."""
+    also_tracked: ClassVar[Mapping[str, str]] = {}
+    """Further validation metrics whose best-so-far value is logged (name -> ``max``/``min``)."""
 
     def __init__(self, model: Mapping[str, Any], optimizer: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -36,6 +64,59 @@ class BaseTask(L.LightningModule, ABC):
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
+        self.best_metrics = nn.ModuleDict({name: self._running_best(name, mode) for name, mode in self.tracked.items()})
+
+    # ---- the metric the task is judged by ------------------------------------------------
+    @property
+    def tracked(self) -> dict[str, str]:
+        """Every metric tracked best-so-far (name -> mode): :attr:`monitor` first."""
+        monitor = getattr(self, "monitor", None)
+        if not isinstance(monitor, str) or not monitor.startswith("val/"):
+            raise TypeError(f"{type(self).__name__} must declare `monitor`, the validation metric it is judged "
+                            f"by ('val/...'), got {monitor!r}")
+        return {monitor: self.mode, **self.also_tracked}
+
+    @staticmethod
+    def _running_best(name: str, mode: str) -> MaxMetric | MinMetric:
+        if mode not in MODES:
+            raise TypeError(f"the mode of {name} must be one of {list(MODES)}, got {mode!r}")
+        return MaxMetric(nan_strategy="ignore") if mode == "max" else MinMetric(nan_strategy="ignore")
+
+    def validation_epoch_metrics(self) -> Mapping[str, Any]:
+        """The validation metrics of the epoch that ends (computed, and their states reset), by
+        full name (``val/...``); nothing by default (tasks that log per step)."""
+        return {}
+
+    def on_fit_start(self) -> None:
+        for best in self.best_metrics.values():
+            best.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log :meth:`validation_epoch_metrics`, then (outside the sanity check) the best-so-far
+        value of every tracked metric as ``<name>_best``. NaN values (an undefined metric) never
+        become the best; before any defined value the best is ``-inf`` (``inf`` for ``min``)."""
+        values = dict(self.validation_epoch_metrics())
+        if values:
+            self.log_dict(values)
+        if self.trainer.sanity_checking:
+            return
+        logged = self.trainer.callback_metrics  # includes this epoch's per-step metrics, reduced
+        for name, best in self.best_metrics.items():
+            if name not in logged:
+                raise RuntimeError(f"{type(self).__name__} tracks {name} but has not logged it at validation; "
+                                   f"logged: {sorted(logged)}")
+            best.update(logged[name].detach().float())
+            self.log(f"{name}_best", float(best.compute()))  # the same on every rank: no sync needed
+
+    # ---- extension points ----------------------------------------------------------------
+    def attack_objective(self) -> AttackObjective:
+        """What adversarial attacks ascend and how they are scored
+        (:mod:`medsec.tasks.objective`); a ``ConfigError`` naming the task if it cannot be attacked."""
+        raise ConfigError(f"{type(self).__name__} cannot be attacked: it declares no attack objective")
+
+    def save_test_outputs(self, out_dir: str | Path, writer: OutputWriter) -> None:
+        """Write what the last test produced (plots, per-case predictions) through ``writer``, never
+        to disk directly (a sealing writer encrypts them); nothing by default."""
 
     @abstractmethod
     def configure_models(self) -> None:

@@ -1,11 +1,9 @@
 """CheXNet-style classification: multi-class (cross-entropy) and multi-label (masked BCE)."""
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +25,9 @@ from torchmetrics.classification import (
 
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
+from medsec.tasks.multilabel import UNKNOWN, defined_classes, macro_auroc, masked_bce
+from medsec.tasks.objective import AttackObjective, multiclass_objective, multilabel_objective
 from medsec.utils.outputs import OutputWriter
-
-UNKNOWN = -1
-"""Multi-label target value for a finding that was not assessed: masked in loss and metrics."""
 
 
 class ClassificationTask(BaseTask):
@@ -48,7 +45,14 @@ class ClassificationTask(BaseTask):
         optimizer, scheduler: ``_partial_`` configs.
         class_weights: ``None``, ``"balanced"`` (inverse train frequency, multi-class only) or a list.
         class_counts: training examples per class (for ``"balanced"``).
+
+    Judged by ``val/auroc`` (max). Attacked through its logits: cross-entropy and accuracy
+    (multi-class), masked BCE and macro AUROC (multi-label).
     """
+
+    monitor = "val/auroc"
+    mode = "max"
+    also_tracked: ClassVar[Mapping[str, str]] = {"val/acc": "max"}
 
     def __init__(
         self,
@@ -113,7 +117,6 @@ class ClassificationTask(BaseTask):
             self.test_roc = MulticlassROC(n)
             self.test_confmat = MulticlassConfusionMatrix(n)
         self.train_metrics, self.val_metrics, self.test_metrics = summary(), summary(), summary()
-        self.best = {"auroc": float("-inf"), "acc": float("-inf")}
 
     def _metrics(self, stage: str) -> MetricCollection:
         return getattr(self, f"{stage}_metrics")
@@ -122,9 +125,7 @@ class ClassificationTask(BaseTask):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not self.hparams.multilabel:
             return F.cross_entropy(logits, target, weight=self.class_weight)
-        known = target != UNKNOWN
-        per_item = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
-        return (per_item * known).sum() / known.sum().clamp(min=1)
+        return masked_bce(logits, target)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.hparams.multilabel else torch.softmax(logits, dim=1)
@@ -164,31 +165,23 @@ class ClassificationTask(BaseTask):
         support = raw["support"]  # (classes, [tp, fp, tn, fn, support])
         positives = support[:, 0] + support[:, 3]
         negatives = support[:, 1] + support[:, 2]
-        defined = (positives > 0) & (negatives > 0)
         per_class = raw["auroc_per_class"]
         values = {"acc": float(raw["acc"]), "f1": float(raw["f1"]),
-                  "auroc": float(per_class[defined].mean()) if defined.any() else float("nan")}
+                  "auroc": macro_auroc(per_class, positives, negatives)}
         if stage == "test":
-            for name, auc, ok in zip(self.class_names, per_class.tolist(), defined.tolist()):
+            for name, auc, ok in zip(self.class_names, per_class.tolist(), defined_classes(positives, negatives)):
                 values[f"auroc_{name}"] = auc if ok else float("nan")
         return values
 
     def on_train_start(self) -> None:
         self.val_metrics.reset()
-        self.best = {"auroc": float("-inf"), "acc": float("-inf")}
 
     def on_train_epoch_end(self) -> None:
         values = self._summarise("train")
         self.log_dict({f"train/{k}": v for k, v in values.items() if k != "auroc"})
 
-    def on_validation_epoch_end(self) -> None:
-        values = self._summarise("val")
-        if not self.trainer.sanity_checking:
-            for key in self.best:
-                if values[key] == values[key]:  # not NaN
-                    self.best[key] = max(self.best[key], values[key])
-            values |= {f"{k}_best": v for k, v in self.best.items()}
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
+    def validation_epoch_metrics(self) -> dict[str, float]:
+        return {f"val/{k}": v for k, v in self._summarise("val").items()}
 
     def on_test_epoch_start(self) -> None:
         self.test_predictions = []
@@ -208,23 +201,26 @@ class ClassificationTask(BaseTask):
         self.test_confmat.reset()
         self.test_predictions = self.gather_rows(self.test_predictions, key=lambda row: row[0])
 
-    def predictions_csv(self) -> bytes:
-        """``test_predictions`` as CSV: id, target(s), one probability column per class."""
-        buffer = io.StringIO()
-        out = csv.writer(buffer)
+    def prediction_table(self) -> tuple[list[str], list[list[Any]]]:
+        """``test_predictions`` as a table: header and rows of id, target(s), one probability per class."""
         targets = self.class_names if self.hparams.multilabel else ["label"]
-        out.writerow(["id", *(f"target_{t}" if self.hparams.multilabel else t for t in targets),
-                      *(f"prob_{c}" for c in self.class_names)])
-        for record_id, target, probs in self.test_predictions:
-            out.writerow([record_id, *(int(t) for t in target), *(f"{p:.6f}" for p in probs)])
-        return buffer.getvalue().encode()
+        header = ["id", *(f"target_{t}" if self.hparams.multilabel else t for t in targets),
+                  *(f"prob_{c}" for c in self.class_names)]
+        rows = [[record_id, *(int(t) for t in target), *(f"{p:.6f}" for p in probs)]
+                for record_id, target, probs in self.test_predictions]
+        return header, rows
 
     def save_test_outputs(self, out_dir: str | Path, writer: OutputWriter) -> None:
-        """ROC and confusion plots under ``plots/`` and per-image predictions, through ``writer``
-        (sealed when the run encrypts its outputs: on small test sets the ROC steps reveal cases)."""
+        """ROC and confusion plots under ``plots/`` and the per-image ``predictions`` table, through
+        ``writer`` (sealed when the run encrypts its outputs: on small test sets the ROC steps reveal cases)."""
         if self.test_curves:
             from medsec.viz import save_classification_plots
 
             save_classification_plots(self.test_curves, writer)
         if self.test_predictions:
-            writer.write("predictions.csv", self.predictions_csv())
+            writer.write_table("predictions", *self.prediction_table())
+
+    # ---- contract ------------------------------------------------------------------------
+    def attack_objective(self) -> AttackObjective:
+        build = multilabel_objective if self.hparams.multilabel else multiclass_objective
+        return build(self, int(self.hparams.num_classes))

@@ -5,13 +5,12 @@ key image in the style of a *transformation domain*; a patch critic compares key
 of that domain (``uniform``: i.i.d. uniform 8-bit noise, what an ideal key looks like). A key
 image encrypts an image by XOR or modular addition (``mode``). A key is fixed by the generator's
 weights and the secret seed, so it can be regenerated; stored, it is sealed with AES-GCM
-(:func:`save_key`).
+(:func:`medsec.protections.key_images.save_key`). The cipher built on a trained task is
+:class:`medsec.analysis.ciphers.learned.DeepKeyGenCipher`.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,14 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsec.crypto.aes import open_sealed_bytes, seal_file_bytes
-from medsec.crypto.ciphers import Ciphertext
-from medsec.crypto.keys import KeyRef
-from medsec.crypto.metrics import correlation, entropy, npcr
-from medsec.errors import ConfigError, SecurityError
+from medsec.analysis.ciphers.statistics import correlation, entropy, npcr
+from medsec.errors import ConfigError
 from medsec.tasks.gan import (
     GANTask,
-    LearnedCipher,
     cipher_levels,
     fixed_secrets,
     flip_first_bit,
@@ -38,7 +33,6 @@ from medsec.tasks.gan import (
 
 MODES = ("xor", "add")
 DOMAINS = ("uniform",)
-KEY_PURPOSE = "deepkeygen-key"
 
 
 def combine(images: np.ndarray, key: np.ndarray, mode: str) -> np.ndarray:
@@ -78,7 +72,12 @@ class DeepKeyGenTask(GANTask):
         domain: the transformation domain the critic compares keys with (``uniform``).
         diversity_weight: weight of the mode-seeking term (Mao et al. 2019), which keeps keys of
             different secrets apart.
+
+    Judged by ``val/key_entropy`` (max). Not attacked (a cipher: see ``medsec report``).
     """
+
+    monitor = "val/key_entropy"
+    mode = "max"
 
     def __init__(self, model: Mapping[str, Any], optimizer: Mapping[str, Any], mode: str = "xor",
                  domain: str = "uniform", diversity_weight: float = 1.0, **data_info: Any) -> None:
@@ -144,41 +143,3 @@ class DeepKeyGenTask(GANTask):
     def weights_digest(self) -> str:
         """SHA-256 of the generator's weights: with the secret, what a key is regenerated from."""
         return weights_digest(self.generator)
-
-
-def save_key(path: str | Path, key: np.ndarray, generator_digest: str, key_ref: KeyRef) -> Path:
-    """Seal a key image (AES-GCM, under ``key_ref``) with the digest of the generator that made it."""
-    header = json.dumps({"generator_sha256": generator_digest, "shape": list(key.shape)}).encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(seal_file_bytes(header + b"\n" + key.astype(np.uint8).tobytes(), key_ref, KEY_PURPOSE,
-                                     name=path.name))
-    return path
-
-
-def load_key(path: str | Path, key_ref: KeyRef) -> tuple[np.ndarray, str]:
-    """Open a sealed key image: (key image, digest of the generator that made it)."""
-    path = Path(path)
-    sealed = open_sealed_bytes(path.read_bytes(), key_ref, KEY_PURPOSE, f"key file {path}", name=path.name)
-    header, _, raw = bytes(sealed).partition(b"\n")
-    info = json.loads(header)
-    key = np.frombuffer(raw, dtype=np.uint8)
-    if key.size != int(np.prod(info["shape"])):
-        raise SecurityError(f"key file {path}: the key image does not match its recorded shape")
-    return key.reshape(info["shape"]), info["generator_sha256"]
-
-
-class DeepKeyGenCipher(LearnedCipher):
-    """DeepKeyGen as an :class:`ImageCipher`: the key (a secret seed) makes a key image, which is
-    XORed (or added) to every image."""
-
-    name = "deepkeygen"
-    task_class = DeepKeyGenTask
-
-    def encrypt(self, images: np.ndarray, key: bytes, nonces: list[bytes] | None = None) -> Ciphertext:
-        key_image = self.task.generate_key(self.check_key(key), images.shape[1:])
-        return Ciphertext(combine(images, key_image, self.task.hparams.mode))
-
-    def decrypt(self, ciphertext: Ciphertext, key: bytes) -> np.ndarray:
-        key_image = self.task.generate_key(self.check_key(key), ciphertext.images.shape[1:])
-        return separate(ciphertext.images, key_image, self.task.hparams.mode)

@@ -5,7 +5,7 @@ import inspect
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from hydra.utils import get_object
@@ -90,7 +90,13 @@ class DenoisingTask(BaseTask):
         num_grid: test images drawn per grid PNG.
         in_channels, spatial_dims, class_names: from the data module (labels are ignored; the
             other data facts, ``num_classes``, ``multilabel``, ``class_counts``, are accepted and unused).
+
+    Judged by ``val/psnr`` (max). Not attacked: a denoiser has no labels for an attack to flip
+    (:meth:`attack_objective` says so).
     """
+
+    monitor = "val/psnr"
+    mode = "max"
 
     def __init__(
         self,
@@ -121,7 +127,6 @@ class DenoisingTask(BaseTask):
         self.grid_noise: list[RandNoise] = [noise_class(name)(level, clip=self.train_noise.clip, seed=seed + 2 + k)
                                             for k, (name, level) in enumerate(self.grid)]
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler)
-        self.best_psnr = float("-inf")
         self.examples: list[dict[str, Any]] = []
         self.net_seconds, self.net_images = 0.0, 0
 
@@ -223,18 +228,14 @@ class DenoisingTask(BaseTask):
     # ---- epoch hooks -------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self.val_metrics.reset()
-        self.best_psnr = float("-inf")
 
     def on_validation_epoch_start(self) -> None:
         self.val_noise.set_random_state(self.hparams.seed + 1)
 
-    def on_validation_epoch_end(self) -> None:
+    def validation_epoch_metrics(self) -> dict[str, Any]:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
-        if not self.trainer.sanity_checking:
-            self.best_psnr = max(self.best_psnr, float(values["val/psnr"]))
-            values["val/psnr_best"] = self.best_psnr
-        self.log_dict(values)
+        return values
 
     def on_test_epoch_start(self) -> None:
         self.val_noise.set_random_state(self.hparams.seed + 1)
@@ -263,3 +264,8 @@ class DenoisingTask(BaseTask):
             images = {key: torch.cat([p[key] for p in parts]).float().numpy() for key in ("noisy", "denoised", "clean")}
             title = f"{name} noise, {noise_class(name).level_name} {level_slug(level)}"
             writer.write(f"denoising/{name}_{level_slug(level)}.png", denoising_grid_png(**images, title=title))
+
+    # ---- contract ----------------------------------------------------------------------------
+    def attack_objective(self) -> NoReturn:
+        raise ConfigError(f"{type(self).__name__} cannot be attacked: a denoiser has no labels for an attack to "
+                          "flip (attacks need a classification or segmentation task)")

@@ -4,7 +4,8 @@ An encryption generator ``E(x, k)`` turns an image into a cipher image of the sa
 decryption generator ``D(c, k)`` turns it back, both keyed by a secret key's noise map. Two patch
 critics push cipher images towards the cipher domain (uniform noise) and decrypted images towards
 real images; cycle (L1) and SSIM losses make ``D(E(x, k), k)`` reproduce ``x``. Cipher images are
-rounded to 8 bits in training (straight-through), as they are when stored.
+rounded to 8 bits in training (straight-through), as they are when stored. The cipher built on a
+trained task is :class:`medsec.analysis.ciphers.learned.EncipherGANCipher`.
 """
 from __future__ import annotations
 
@@ -12,22 +13,17 @@ from collections.abc import Iterator, Mapping
 from itertools import chain
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from medsec.crypto.ciphers import Ciphertext
-from medsec.crypto.metrics import entropy
+from medsec.analysis.ciphers.statistics import entropy
 from medsec.tasks.gan import (
     GANTask,
-    LearnedCipher,
     cipher_levels,
     fixed_secrets,
-    from_cipher_levels,
-    plain_levels,
     quantize,
     random_secrets,
     secret_noise,
@@ -45,7 +41,12 @@ class EncipherGANTask(GANTask):
         model: ``encryptor``, ``decryptor`` and ``critic`` configs (``medsec.models.encipher_gan``).
         optimizer: ``_partial_`` optimiser for both sides.
         cycle_weight, ssim_weight, adversarial_weight: weights of the generator-side terms.
+
+    Judged by ``val/psnr`` of the decrypted images (max). Not attacked (a cipher: see ``medsec report``).
     """
+
+    monitor = "val/psnr"
+    mode = "max"
 
     def __init__(self, model: Mapping[str, Any], optimizer: Mapping[str, Any], cycle_weight: float = 10.0,
                  ssim_weight: float = 1.0, adversarial_weight: float = 1.0, **data_info: Any) -> None:
@@ -103,31 +104,3 @@ class EncipherGANTask(GANTask):
                 "ssim": structural_similarity_index_measure(decrypted, images, data_range=1.0),
                 "wrong_key_psnr": peak_signal_noise_ratio(wrong, images, data_range=1.0),
                 "cipher_entropy": entropy(cipher_levels(cipher)[:, 0].cpu().numpy()).mean()}
-
-
-class EncipherGANCipher(LearnedCipher):
-    """EncipherGAN as an :class:`ImageCipher`: the key's noise map keys both generators. Lossy:
-    decryption approximates the plain image."""
-
-    name = "encipher_gan"
-    task_class = EncipherGANTask
-    lossless = False
-    batch_size = 16
-    """Images per forward pass."""
-
-    def _run(self, network: nn.Module, images: torch.Tensor, key: bytes) -> torch.Tensor:
-        with torch.no_grad():
-            return network(images, self.task.key_maps(images, [self.check_key(key)] * len(images)))
-
-    def _batches(self, images: np.ndarray) -> Iterator[torch.Tensor]:
-        for start in range(0, len(images), self.batch_size):
-            yield torch.from_numpy(np.ascontiguousarray(images[start:start + self.batch_size]))[:, None]
-
-    def encrypt(self, images: np.ndarray, key: bytes, nonces: list[bytes] | None = None) -> Ciphertext:
-        parts = [cipher_levels(self._run(self.task.encryptor, b.float() / 255, key)) for b in self._batches(images)]
-        return Ciphertext(torch.cat(parts)[:, 0].numpy())
-
-    def decrypt(self, ciphertext: Ciphertext, key: bytes) -> np.ndarray:
-        parts = [plain_levels(self._run(self.task.decryptor, from_cipher_levels(b), key))
-                 for b in self._batches(ciphertext.images)]
-        return torch.cat(parts)[:, 0].numpy()

@@ -1,19 +1,18 @@
 """What the GAN tasks share: two optimisers under manual optimisation, LSGAN losses, secret noise
-maps, and the adapter that turns a trained task into an :class:`~medsec.crypto.ciphers.ImageCipher`."""
+maps and 8-bit cipher levels. (:mod:`medsec.analysis.ciphers.learned` turns a trained task into an
+:class:`~medsec.analysis.ciphers.classical.ImageCipher`.)"""
 from __future__ import annotations
 
 import hashlib
 import secrets
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
 from medsec.core.registry import safe_instantiate
-from medsec.crypto.ciphers import ImageCipher
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
 
@@ -31,7 +30,8 @@ def fixed_secrets(count: int, label: str) -> list[bytes]:
 
 
 def flip_first_bit(secret: bytes) -> bytes:
-    return ImageCipher.flip_key_bit(secret, 0)
+    """``secret`` with its first bit (the least significant bit of the first byte) inverted."""
+    return bytes([secret[0] ^ 1]) + secret[1:]
 
 
 def secret_noise(secret_list: Sequence[bytes], shape: Sequence[int]) -> torch.Tensor:
@@ -180,21 +180,6 @@ class GANTask(BaseTask):
         make = safe_instantiate(self.hparams.optimizer, "task.optimizer", ("optimizer",))
         return [make(params=list(self.generator_parameters())), make(params=list(self.discriminator_parameters()))]
 
-
-class LearnedCipher(ImageCipher):
-    """A trained GAN task behind the :class:`ImageCipher` interface (inference only, CPU)."""
-
-    task_class: ClassVar[type[GANTask]]
-
-    def __init__(self, task: GANTask) -> None:
-        self.task = task.eval().cpu()
-
-    @classmethod
-    def from_checkpoint(cls, ckpt_path: str | Path | None) -> LearnedCipher:
-        """Load the task from a ``medsec train`` checkpoint (``ckpt_path=...``)."""
-        if not ckpt_path:
-            raise ConfigError(f"ckpt_path: cipher={cls.name} needs a trained checkpoint (ckpt_path=PATH)")
-        from medsec.core.checkpoint import build_task, read_checkpoint
-
-        payload = read_checkpoint(ckpt_path)
-        return cls(build_task(payload, f"ckpt_path: {ckpt_path}", expect=cls.task_class))
+    def attack_objective(self) -> NoReturn:
+        raise ConfigError(f"{type(self).__name__} cannot be attacked: a learned cipher is judged by "
+                          "`medsec report cipher=...`, not by adversarial attacks")

@@ -15,6 +15,7 @@ from monai.networks.utils import one_hot
 
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
+from medsec.tasks.objective import AttackObjective, segmentation_objective
 from medsec.utils.outputs import OutputWriter
 
 EMPTY_MASK_WARNING = r".*is all 0, this may result in nan/inf distance"
@@ -58,7 +59,13 @@ class SegmentationTask(BaseTask):
         loss: extra arguments of MONAI's ``DiceCELoss``.
         num_overlays: test cases drawn as overlays.
         multilabel, class_counts: given by the data module for every task; not used here.
+
+    Judged by ``val/dice_mean`` (max). Attacked through its sliding-window logits and Dice+CE loss;
+    scored by mean foreground Dice.
     """
+
+    monitor = "val/dice_mean"
+    mode = "max"
 
     def __init__(
         self,
@@ -87,7 +94,6 @@ class SegmentationTask(BaseTask):
             raise ConfigError(f"class names {self.class_names} do not give distinct metric names "
                               f"{self.slugs}")
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler)
-        self.best_dice = float("-inf")
         self.test_cases: list[dict[str, Any]] = []
 
     @property
@@ -162,16 +168,11 @@ class SegmentationTask(BaseTask):
 
     def on_train_start(self) -> None:
         self.val_dice.reset()
-        self.best_dice = float("-inf")
 
-    def on_validation_epoch_end(self) -> None:
+    def validation_epoch_metrics(self) -> dict[str, float]:
         values = self._per_class(self.val_dice, "dice")
-        mean = values.get("dice_mean", float("nan"))
-        if not self.trainer.sanity_checking:
-            if mean == mean:  # not NaN
-                self.best_dice = max(self.best_dice, mean)
-            values["dice_mean_best"] = self.best_dice
-        self.log_dict({f"val/{k}": v for k, v in values.items()})
+        values.setdefault("dice_mean", float("nan"))  # no case had a foreground class: undefined
+        return {f"val/{k}": v for k, v in values.items()}
 
     def on_test_epoch_start(self) -> None:
         self.test_cases = []
@@ -182,17 +183,18 @@ class SegmentationTask(BaseTask):
         self.test_cases = self.gather_rows(self.test_cases, key=lambda case: case["id"])
 
     def save_test_outputs(self, out_dir: str | Path, writer: OutputWriter) -> None:
-        """Per-case predictions ``predictions/<case>.nii.gz`` (uint8 label maps with the input's
-        affine) and ``overlays/<case>.png`` for the first cases, all through ``writer`` (sealed
-        when the run encrypts its outputs)."""
-        from medsec.data.segmentation import nifti_bytes
+        """Per-case predictions ``predictions/<case>`` (uint8 label maps with the input's affine,
+        stored by the writer as NIfTI) and ``overlays/<case>.png`` for the first cases, all through
+        ``writer`` (sealed when the run encrypts its outputs)."""
         from medsec.viz.segmentation import overlay_png
 
         for case in self.test_cases:
-            nifti = nifti_bytes(case["prediction"][0], case["affine"])
-            writer.write(f"predictions/{case['id']}.nii.gz", nifti)
+            writer.write_label_map(f"predictions/{case['id']}", case["prediction"][0], case["affine"])
             if "image" in case:
                 png = overlay_png(case["image"], case["label"], case["prediction"], self.class_names,
                                   case["id"])
                 writer.write(f"overlays/{case['id']}.png", png)
 
+    # ---- contract ------------------------------------------------------------------------
+    def attack_objective(self) -> AttackObjective:
+        return segmentation_objective(self.infer, self.loss_fn, int(self.hparams.num_classes))

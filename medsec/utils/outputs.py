@@ -2,12 +2,16 @@
 belongs to (``run.json``, whose run id sealed files are bound to)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medsec.errors import SecurityError
 
@@ -93,3 +97,20 @@ class OutputWriter:
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
         """Store ``payload`` as pretty, sorted JSON under ``name``."""
         return self.write(name, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+    # Typed artifacts: a task hands over what it made, the writer picks the file format (and
+    # every one goes through :meth:`write`, so a sealing writer seals them all).
+    def write_table(self, name: str, header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> Path:
+        """Store a table as ``name.csv`` (one header row, then ``rows``)."""
+        buffer = io.StringIO()
+        out = csv.writer(buffer)
+        out.writerow(header)
+        out.writerows(rows)
+        return self.write(f"{name}.csv", buffer.getvalue().encode())
+
+    def write_label_map(self, name: str, labels: np.ndarray, affine: np.ndarray) -> Path:
+        """Store a label map (a predicted segmentation) with its voxel-to-world ``affine`` as
+        ``name.nii.gz`` (NIfTI-1, what medical viewers open)."""
+        from medsec.data.segmentation import nifti_bytes
+
+        return self.write(f"{name}.nii.gz", nifti_bytes(labels, affine))

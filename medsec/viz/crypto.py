@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsec.crypto.metrics import DIRECTIONS, LEVELS, adjacent_pairs, histograms
+from medsec.analysis.ciphers.statistics import DIRECTIONS, LEVELS, adjacent_pairs, histograms
 from medsec.viz.plots import _save, plt
 
 

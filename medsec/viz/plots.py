@@ -1,4 +1,4 @@
-"""Plots for run directories: ROC curves, confusion matrices, sample grids (matplotlib, Agg)."""
+"""Plots for run directories: ROC curves, confusion matrices, sample grids (matplotlib; its default backend, Agg without a display)."""
 from __future__ import annotations
 
 import io
@@ -7,13 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from medsec.utils.outputs import OutputWriter  # noqa: E402
+from medsec.utils.outputs import OutputWriter
 
 
 def png_bytes(fig: plt.Figure, dpi: int = 120) -> bytes:

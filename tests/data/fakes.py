@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+
 def shared_data(name: str) -> Path:
     """``$MEDSEC_DATA_DIR/name`` or ``../shared/data/name`` beside the project; skip the test when absent."""
     default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -21,6 +23,34 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} (set MEDSEC_DATA_DIR or provide ../shared/data)")
     return path
+
+
+LABELS = {"0": "background", "1": "Anterior", "2": "Posterior"}
+
+
+def write_decathlon(root: Path, cases: int = 10, shape: Sequence[int] = (12, 16, 8), labels: dict | None = None,
+                    affine: np.ndarray | None = None, seed: int = 0) -> Path:
+    """A Decathlon task folder: ``dataset.json`` and ``cases`` image/label NIfTI pairs. Each label
+    holds a block of class 1 and one of class 2; the image is brighter there, plus noise."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    affine = np.eye(4) if affine is None else affine
+    training = []
+    for i in range(cases):
+        label = np.zeros(shape, dtype=np.uint8)
+        x0, y0 = rng.integers(1, 3), rng.integers(1, 4)
+        label[x0:x0 + 4, y0:y0 + 5, 2:6] = 1
+        label[x0 + 5:x0 + 9, y0 + 5:y0 + 10, 2:6] = 2
+        image = (40 * label + rng.normal(50, 5, shape)).astype(np.float32)
+        name = f"case_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    spec = {"name": "Fake", "modality": {"0": "MRI"}, "labels": labels or LABELS, "numTraining": cases,
+            "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    return root
 
 
 NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position"]
@@ -140,3 +170,27 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def make_class_folders(root: Path, per_class: int = 10) -> Path:
+    """``root/<class>/...`` for FolderSource: PNGs, JPEGs in a subfolder, a DICOM and a NIfTI file
+    in a third class, and what must be ignored (a text file, an empty folder)."""
+    for i in range(per_class):
+        write_png(root / "normal" / f"n{i}.png", size=8)
+        write_png(root / "pneumonia" / "sub" / f"p{i}.jpg", size=8)
+    write_dicom(root / "zz_dicom" / "d0.dcm", size=8)
+    write_nifti(root / "zz_dicom" / "v0.nii.gz", size=8)
+    (root / "normal" / "notes.txt").write_text("not an image")
+    (root / "empty").mkdir()
+    return root
+
+
+def write_data_dir(root: Path) -> Path:
+    """Tiny stand-ins for every real data set the configs name, laid out as in ``../shared/data``
+    (``paths.data_dir=ROOT``): PneumoniaMNIST and BreastMNIST ``.npz`` files, an NIH ChestX-ray14
+    sample of 10 patients, and an MSD hippocampus task of 10 cases big enough for the recipes' crops."""
+    write_npz(root / "pneumoniamnist" / "pneumoniamnist.npz", counts=(8, 4, 4))
+    write_npz(root / "breastmnist" / "breastmnist.npz", counts=(8, 4, 4))
+    write_nih(root / "nih_cxr14_sample", nih_rows(patients=10))
+    write_decathlon(root / "msd_hippocampus", cases=10, shape=(40, 56, 40))
+    return root

@@ -1,8 +1,6 @@
 """DecathlonSource on tiny fake Decathlon folders: splits, folds, label names, bad cases named."""
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -12,33 +10,7 @@ import pytest
 from medsec.data.sources.base import SPLITS
 from medsec.data.sources.decathlon import DecathlonSource
 from medsec.errors import DataError
-
-LABELS = {"0": "background", "1": "Anterior", "2": "Posterior"}
-
-
-def write_decathlon(root: Path, cases: int = 10, shape: Sequence[int] = (12, 16, 8), labels: dict | None = None,
-                    affine: np.ndarray | None = None, seed: int = 0) -> Path:
-    """A Decathlon task folder: ``dataset.json`` and ``cases`` image/label NIfTI pairs. Each label
-    holds a block of class 1 and one of class 2; the image is brighter there, plus noise."""
-    rng = np.random.default_rng(seed)
-    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    affine = np.eye(4) if affine is None else affine
-    training = []
-    for i in range(cases):
-        label = np.zeros(shape, dtype=np.uint8)
-        x0, y0 = rng.integers(1, 3), rng.integers(1, 4)
-        label[x0:x0 + 4, y0:y0 + 5, 2:6] = 1
-        label[x0 + 5:x0 + 9, y0 + 5:y0 + 10, 2:6] = 2
-        image = (40 * label + rng.normal(50, 5, shape)).astype(np.float32)
-        name = f"case_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / name)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    spec = {"name": "Fake", "modality": {"0": "MRI"}, "labels": labels or LABELS, "numTraining": cases,
-            "training": training, "test": []}
-    (root / "dataset.json").write_text(json.dumps(spec))
-    return root
+from tests.data.fakes import write_decathlon
 
 
 def ids(data, split: str) -> list[str]:

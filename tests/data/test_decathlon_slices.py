@@ -9,8 +9,7 @@ import pytest
 from medsec.data.datamodule import MedicalDataModule
 from medsec.data.sources.decathlon_slices import DecathlonSlicesSource, to_uint8
 from medsec.errors import DataError
-from tests.data.fakes import shared_data
-from tests.data.test_decathlon import write_decathlon
+from tests.data.fakes import shared_data, write_decathlon
 
 
 def test_labelled_slices_split_by_case(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from medsec.data.sources import FolderSource
 from medsec.data.transforms import LoadImageNamed, classification_transforms
 from medsec.errors import DataError
 
-from .fakes import write_csv, write_dicom, write_nifti, write_png
+from .fakes import make_class_folders, write_csv, write_dicom, write_nifti, write_png
 
 
 WRITERS: dict[str, Callable[[Path], Path]] = {
@@ -58,16 +58,6 @@ def test_truncated_png_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read image file") as err:
         read(path, pipeline=False)
     assert str(path) in str(err.value)
-
-
-def make_class_folders(root: Path, per_class: int = 10) -> None:
-    for i in range(per_class):
-        write_png(root / "normal" / f"n{i}.png", size=8)
-        write_png(root / "pneumonia" / "sub" / f"p{i}.jpg", size=8)
-    write_dicom(root / "zz_dicom" / "d0.dcm", size=8)
-    write_nifti(root / "zz_dicom" / "v0.nii.gz", size=8)
-    (root / "normal" / "notes.txt").write_text("not an image")
-    (root / "empty").mkdir()
 
 
 def test_class_folders(tmp_path: Path) -> None:

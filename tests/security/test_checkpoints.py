@@ -60,7 +60,7 @@ def test_pickle_gadget_in_a_checkpoint_is_refused_by_every_loader(best: Path, tm
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("place", ["model.net", "data", "data.source", "crypto", "optimizer"])
+@pytest.mark.parametrize("place", ["model.net", "data", "data.source", "protect", "optimizer"])
 def test_a_hydra_chain_stored_in_a_checkpoint_is_never_instantiated(best: Path, tmp_path: Path, place: str) -> None:
     marker = tmp_path / "pwned"
 
@@ -75,11 +75,11 @@ def test_a_hydra_chain_stored_in_a_checkpoint_is_never_instantiated(best: Path, 
         elif place == "data.source":
             info["data"]["source"]["seed"] = pickle_chain(marker)
         else:
-            info["crypto"] = pickle_chain(marker)
+            info["protect"] = [pickle_chain(marker)]
 
     evil = tamper(best, tmp_path / "evil.ckpt", edit)
     assert isinstance(torch.load(evil, weights_only=True), dict)  # the file itself is plain data
-    with pytest.raises(ConfigError, match=r"evil.ckpt: (hyper_parameters|medsec)\.[\w.]*_target_ = '(builtins.dict|torch.load|io.BytesIO)' is not a registered"):
+    with pytest.raises(ConfigError, match=r"evil.ckpt: (hyper_parameters|medsec)\.[\w.\[\]]*_target_ = '(builtins.dict|torch.load|io.BytesIO)' is not a registered"):
         run_verb("eval", [f"ckpt_path={evil}"], tmp_path / "eval")
     assert not marker.exists()
 
@@ -99,6 +99,7 @@ def test_interpolations_in_a_checkpoint_are_refused(best: Path, tmp_path: Path, 
     assert "00" * 8 not in str(err.value)
 
 
+@pytest.mark.slow
 def test_the_command_line_answers_a_gadget_with_one_line_and_exit_2(best: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tamper(best, tmp_path / "evil.ckpt", lambda p: p.__setitem__("optimizer_states", [Gadget(marker)]))

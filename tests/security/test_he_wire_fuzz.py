@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medsec.crypto.he import HEInputError, HEServer, SecretKeyRefused, pack, unpack
-from medsec.crypto.he.wire import ciphertext_from_bytes, inspect_context, load_public_context
-from tests.crypto.he.tiny import tiny
+from medsec.he import HEInputError, HEServer, SecretKeyRefused, pack, unpack
+from medsec.he.wire import ciphertext_from_bytes, inspect_context, load_public_context
+from tests.he.tiny import tiny
 from tests.security.serve_support import card, he_client, public_context, seal_object, uncompressed
 
 FUZZ = settings(max_examples=60, deadline=None, database=None,

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medsec.crypto import keys
-from medsec.crypto.keys import (
+from medsec.protections import keys
+from medsec.protections.keys import (
     KeyRef,
     SecretKey,
     check_kdf_params,
@@ -27,7 +27,7 @@ from medsec.crypto.keys import (
     passphrase_key,
     write_key_file,
 )
-from medsec.crypto.transmission import MAGIC, SecureChannel, read_header
+from medsec.protections.transmission import MAGIC, SecureChannel, read_header
 from medsec.errors import ConfigError, DataError, MedsecError, SecurityError
 from medsec.models.compression import CompressiveAutoencoder
 
@@ -57,7 +57,7 @@ def test_hkdf_info_names_the_version_purpose_and_length() -> None:
 
 
 def test_aes128_and_aes256_keys_for_one_purpose_are_unrelated() -> None:
-    from medsec.crypto.aes import cipher_for  # the AES sub-keys the stores and sealed files use
+    from medsec.protections.aes import cipher_for  # the AES sub-keys the stores and sealed files use
 
     key = SecretKey(MATERIAL)
     assert key.derive("aes-gcm/records", 32)[:16] != key.derive("aes-gcm/records", 16)

@@ -1,6 +1,6 @@
 """Key custody against untrusted inputs: what counts as a key, and how a key file is opened.
 
-Each test is an attack on ``medsec.crypto.keys``: a password passed off as a raw key, a weak key,
+Each test is an attack on ``medsec.protections.keys``: a password passed off as a raw key, a weak key,
 a key file that is a symlink, readable by others, owned by someone else, or not a file at all.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from medsec.crypto.keys import KeyRef, SecretKey, parse_key_text, read_key_file, write_key_file
+from medsec.protections.keys import KeyRef, SecretKey, parse_key_text, read_key_file, write_key_file
 from medsec.errors import ConfigError
 
 MATERIAL = bytes(range(1, 33))

@@ -8,10 +8,10 @@ import time
 import httpx
 import pytest
 
-from medsec.crypto.he import HEServer, pack
-from medsec.crypto.he.evaluator import EvaluationCancelled
-from medsec.serve import SESSION_HEADER, build_app
-from tests.crypto.he.tiny import tiny
+from medsec.he import HEServer, pack
+from medsec.he.evaluator import EvaluationCancelled
+from medsec.he.service import SESSION_HEADER, build_app
+from tests.he.tiny import tiny
 from tests.security.serve_support import PRECISION, card, he_client, public_context, running
 
 IMAGES = 16

@@ -7,12 +7,12 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 from fastapi.testclient import TestClient
 
-from medsec.crypto.he import HEClient, HEInputError, HEServer, pack
-from medsec.crypto.he.wire import ciphertext_to_bytes, load_ciphertext
-from medsec.serve import SESSION_HEADER, build_app
-from tests.crypto.he.tiny import tiny
-from tests.security.serve_support import (PRECISION, bomb_context, card, he_client, public_context, seal_object,
-                                          uncompressed)
+from medsec.he import HEClient, HEInputError, HEServer, pack
+from medsec.he.service import SESSION_HEADER, build_app
+from medsec.he.testing import rescaled
+from medsec.he.wire import ciphertext_to_bytes, load_ciphertext
+from tests.he.tiny import tiny
+from tests.security.serve_support import PRECISION, bomb_context, card, he_client, public_context, transparent
 
 MIB = 1 << 20
 
@@ -53,14 +53,10 @@ def seal_context(client: HEClient) -> sealapi.SEALContext:
     return client.context.seal_context().data
 
 
-def transparent(client: HEClient, blob: bytes) -> bytes:
-    """``blob`` with its second component zeroed (SEAL calls that "transparent": it decrypts
-    without the key), still in NTT form, at the top level and the right scale; SEAL refuses to
-    compute on it. Rewritten uncompressed: the second component is the last N x L words."""
-    header, members = uncompressed(blob)
-    params = client.params
-    words = params.poly_modulus_degree * (len(params.coeff_mod_bit_sizes) - 1)
-    forged = seal_object(header, members[:-8 * words] + bytes(8 * words))
+def transparent_ciphertext(client: HEClient, blob: bytes) -> bytes:
+    """``blob`` with its second component zeroed (:func:`medsec.he.testing.transparent`), checked to
+    be what it claims: transparent, still in NTT form, at the top level and the right scale."""
+    forged = transparent(client, blob)
     ciphertext = load_ciphertext(seal_context(client), forged)
     assert ciphertext.is_transparent() and ciphertext.is_ntt_form()
     assert ciphertext.scale == client.context.global_scale
@@ -76,15 +72,9 @@ def unformatted(client: HEClient) -> bytes:
     return ciphertext_to_bytes(ciphertext)
 
 
-def rescaled(client: HEClient, blob: bytes, scale: float) -> bytes:
-    ciphertext = load_ciphertext(seal_context(client), blob)
-    ciphertext.scale = scale
-    return ciphertext_to_bytes(ciphertext)
-
-
 def test_transparent_ciphertext_is_a_422_naming_it(http: TestClient, throughput: dict) -> None:
     blobs = list(throughput["blobs"])
-    blobs[3] = transparent(throughput["client"], blobs[3])
+    blobs[3] = transparent_ciphertext(throughput["client"], blobs[3])
     refused(infer(http, "throughput", throughput["session"], blobs), 422, "ciphertexts[3]", "transparent")
     blobs = list(throughput["blobs"])
     blobs[2] = unformatted(throughput["client"])
@@ -156,7 +146,8 @@ def test_latency_request_is_capped_in_images(http: TestClient) -> None:
     response = infer(http, "latency", sid, one * 2)
     assert response.status_code == 200
     # the latency session also takes a transparent ciphertext as a 422, not a 500
-    refused(infer(http, "latency", sid, [transparent(client, one[0])]), 422, "ciphertexts[0]", "transparent")
+    forged = transparent_ciphertext(client, one[0])
+    refused(infer(http, "latency", sid, [forged]), 422, "ciphertexts[0]", "transparent")
     wrong = rescaled(client, one[0], 2.0 ** 40)
     refused(infer(http, "latency", sid, [wrong]), 422, "ciphertexts[0]", "scale")
 
@@ -191,7 +182,7 @@ def test_context_decompression_bomb_is_refused_before_tenseal_inflates_it(http: 
     GiB RSS, and loaded). The size is counted in a fixed buffer and refused past the limit."""
     import time
 
-    from medsec.crypto.he.wire import inspect_context
+    from medsec.he.wire import inspect_context
 
     base = public_context("throughput")
     assert inspect_context(bomb_context(base, 1), 64 * MIB) == inspect_context(base, 64 * MIB)  # faithful rewrite
@@ -206,8 +197,8 @@ def test_context_decompression_bomb_is_refused_before_tenseal_inflates_it(http: 
 
 
 def test_secret_key_is_refused_before_the_context_is_parsed() -> None:
-    from medsec.crypto.he import SecretKeyRefused
-    from medsec.crypto.he.wire import inspect_context
+    from medsec.he import SecretKeyRefused
+    from medsec.he.wire import inspect_context
 
     secret = he_client("throughput").context.serialize(save_secret_key=True, save_galois_keys=False)
     with pytest.raises(SecretKeyRefused, match="context: holds a secret key"):

@@ -8,26 +8,19 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
+from medsec.commands.serve import load_program
 from medsec.errors import ConfigError
-from medsec.serve import build_app, load_program
+from medsec.he.service import build_app
 from medsec.utils.config import compose_config
 from tests.conftest import run_verb
 from tests.security.serve_support import make_tls, running, token_file
-from tests.test_he_run import HE_TINY
 
 TOKEN = "remote-cli-token-" + "r" * 24
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("he_remote_train")
-    run_verb("train", HE_TINY, out)
-    return out / "checkpoints" / "best.ckpt"
-
-
-def test_medsec_he_remote_over_tls_with_token(checkpoint: Path, tmp_path: Path) -> None:
+def test_medsec_he_remote_over_tls_with_token(he_checkpoint: Path, tmp_path: Path) -> None:
     tls = make_tls(tmp_path)
-    cfg = compose_config("serve", [f"ckpt_path={checkpoint}", "calibration_images=64"], output_dir=tmp_path / "serve")
+    cfg = compose_config("serve", [f"ckpt_path={he_checkpoint}", "calibration_images=64"], output_dir=tmp_path / "serve")
     try:
         program = load_program(cfg)
     finally:
@@ -35,18 +28,18 @@ def test_medsec_he_remote_over_tls_with_token(checkpoint: Path, tmp_path: Path) 
     app = build_app(program, tokens=[TOKEN])
     tokens = token_file(tmp_path / "token", TOKEN)
     with running(app, ssl_certfile=str(tls["cert"]), ssl_keyfile=str(tls["key"])) as port:
-        report = run_verb("he", [f"ckpt_path={checkpoint}", "mode=throughput", "max_images=8", "calibration_images=64",
+        report = run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=throughput", "max_images=8", "calibration_images=64",
                                  f"remote=https://127.0.0.1:{port}", f"remote_ca_file={tls['ca']}",
                                  f"remote_token_file={tokens}"], tmp_path / "he")
         assert report["remote"] == f"https://127.0.0.1:{port}" and report["images"] == 8
         assert report["argmax_agreement"] == 1.0 and report["max_abs_logit_error"] < 2.0 ** -8
         assert app.state.stats["answered"] == 1
         with pytest.raises(ConfigError, match="remote: the TLS certificate .* could not be verified"):
-            run_verb("he", [f"ckpt_path={checkpoint}", "max_images=8", "calibration_images=64",
+            run_verb("he", [f"ckpt_path={he_checkpoint}", "max_images=8", "calibration_images=64",
                             f"remote=https://127.0.0.1:{port}", f"remote_token_file={tokens}"], tmp_path / "he2")
 
 
-def test_medsec_he_refuses_plain_http_to_another_host(checkpoint: Path, tmp_path: Path) -> None:
+def test_medsec_he_refuses_plain_http_to_another_host(he_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="remote: plain http:// is only allowed to a loopback host"):
-        run_verb("he", [f"ckpt_path={checkpoint}", "max_images=8", "calibration_images=64",
+        run_verb("he", [f"ckpt_path={he_checkpoint}", "max_images=8", "calibration_images=64",
                         "remote=http://example.org:8000"], tmp_path)

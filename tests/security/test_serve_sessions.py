@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
-from medsec.crypto.he import pack
-from medsec.crypto.he.remote import RemoteServer
+from medsec.he import pack
+from medsec.he.remote import RemoteServer
 from medsec.errors import ConfigError
-from medsec.serve import SESSION_HEADER, build_app, serve_settings
-from tests.crypto.he.tiny import tiny
+from medsec.he.service import SESSION_HEADER, build_app, serve_settings
+from tests.he.tiny import tiny
 from tests.security.serve_support import PRECISION, he_client, public_context, token_file
 
 ALICE, BOB = "alice-token-" + "a" * 20, "bob-token-" + "b" * 20
@@ -139,7 +139,7 @@ def test_remote_client_retries_after_503(monkeypatch: pytest.MonkeyPatch) -> Non
             slot.__exit__(None, None, None)
             released.append(True)
 
-    monkeypatch.setattr("medsec.crypto.he.remote.time.sleep", sleep)
+    monkeypatch.setattr("medsec.he.remote.time.sleep", sleep)
     assert remote.upload_context(public_context("throughput"))
     assert released == [True]
     # a server that stays busy: the 503 is reported once the client's patience is spent

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from medsec.crypto.he import HEClient
-from medsec.crypto.he.remote import RemoteServer, check_remote_url, is_loopback_host
 from medsec.errors import ConfigError
-from medsec.serve import build_app, serve_settings
-from tests.crypto.he.tiny import tiny
+from medsec.he import HEClient
+from medsec.he.remote import RemoteServer, check_remote_url, is_loopback_host
+from medsec.he.service import build_app, serve_settings
+from tests.he.tiny import tiny
 from tests.security.serve_support import PRECISION, make_tls, running, token_file
 
 TOKEN = "transport-token-" + "t" * 24
@@ -120,13 +120,14 @@ def test_medsec_serve_refuses_to_start_on_0000_without_tls(tmp_path: Path, caplo
     """The verb itself: a one-line error and exit status 2 before the checkpoint is even read."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from medsec.serve import run
+    from medsec.commands.serve import serve
     from medsec.utils.config import compose_config
+    from medsec.utils.run import user_errors_exit
 
     cfg = compose_config("serve", [f"ckpt_path={tmp_path / 'missing.ckpt'}", "host=0.0.0.0"], output_dir=tmp_path)
     try:
         with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
-            run(cfg)
+            user_errors_exit(serve)(cfg)
     finally:
         GlobalHydra.instance().clear()
     assert exit_.value.code == 2

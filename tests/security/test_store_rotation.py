@@ -1,6 +1,6 @@
 """Crash safety of the encrypted store: writing and key rotation with a fault at every step.
 
-Every filesystem step of :mod:`medsec.crypto.store` announces itself to ``store.step_hook`` first.
+Every filesystem step of :mod:`medsec.protections.store` announces itself to ``store.step_hook`` first.
 For each step, the tests (a) raise an exception there and (b) kill the process there (a forked child
 calls ``os._exit(137)``). Afterwards the store must open with exactly one of the old key (a fault
 before the switch of ``CURRENT``) or the new key (after it), every record must decrypt to the
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsec.crypto import store as store_module
-from medsec.crypto.keys import KeyRef, SecretKey, write_key_file
-from medsec.crypto.store import (
+from medsec.protections import store as store_module
+from medsec.protections.keys import KeyRef, SecretKey, write_key_file
+from medsec.protections.store import (
     CREATE_STEPS,
     CURRENT,
     MANIFEST,

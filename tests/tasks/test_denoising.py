@@ -13,7 +13,7 @@ from torch import nn
 from medsec.core.registry import register
 from medsec.data.datamodule import MedicalDataModule
 from medsec.data.sources.synthetic import SyntheticSource
-from medsec.denoising_baselines import GaussianFilter, NonLocalMeans, estimate_sigma
+from medsec.models.baselines import GaussianFilter, NonLocalMeans, estimate_sigma
 from medsec.errors import ConfigError
 from medsec.tasks.denoising import DenoisingTask, accepted_arguments
 from medsec.utils.outputs import OutputWriter
@@ -103,7 +103,7 @@ def test_training_loss_goes_down(datamodule: MedicalDataModule) -> None:
 
 @pytest.mark.parametrize("baseline", [GaussianFilter(sigma=1.0), NonLocalMeans()], ids=["gaussian", "nlm"])
 def test_baselines_run_through_the_same_test(datamodule: MedicalDataModule, baseline: nn.Module) -> None:
-    target = f"medsec.denoising_baselines.{type(baseline).__name__}"
+    target = f"medsec.models.baselines.{type(baseline).__name__}"
     task = make_task(datamodule, model={"net": {"_target_": target}}, test_noise={"gaussian": [0.1]})
     trainer().test(task, datamodule=datamodule, verbose=False)
     m = {k: float(v) for k, v in task.trainer.callback_metrics.items()}

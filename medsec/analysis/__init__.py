@@ -1,0 +1,1 @@
+"""Measuring protections: adversarial attacks and their evaluation, cipher statistics and NIST tests."""
