@@ -18,7 +18,7 @@ from medsec.analysis.attacks.detector import detection_auc
 from medsec.analysis.attacks.evaluate import parse_eps, run_attack
 from medsec.analysis.attacks.registry import EPS_ATTACKS, build_attack
 from medsec.analysis.attacks.report import markdown_table
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.core.run import Run
 from medsec.errors import ConfigError
 from medsec.viz.attacks import adversarial_grid_png, plot_eps_curve

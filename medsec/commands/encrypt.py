@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.data.sources.base import SPLITS, DataSource, Record, SourceData
 from medsec.data.transforms import LoadImageNamed
 from medsec.errors import ConfigError, SecurityError

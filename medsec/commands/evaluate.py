@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.core.run import Run
 from medsec.utils.ddp import job_scope
 from medsec.utils.run import collect_metrics

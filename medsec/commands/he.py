@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc
 
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.core.run import Run
 from medsec.errors import ConfigError
 from medsec.he import HEClient

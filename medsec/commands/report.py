@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsec.analysis.ciphers.classical import ImageCipher
 from medsec.analysis.ciphers.report import load_images, master_key, save_plots, security_report
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.core.checkpoint import CHECKPOINT_KEY, read_checkpoint
 from medsec.core.registry import check_targets
 from medsec.utils.config import CONFIG_DIR

@@ -9,7 +9,7 @@ import logging
 import uvicorn
 from omegaconf import DictConfig
 
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.core.run import Run
 from medsec.he import HEProgram
 from medsec.he.schemes import get_scheme

@@ -6,7 +6,7 @@ import logging
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from medsec.commands import hydra_app
+from medsec.core.app import hydra_app
 from medsec.core.run import Run
 from medsec.utils.callbacks import LogSampleImages, StoreRunInfo
 from medsec.utils.ddp import job_scope
