@@ -31,8 +31,8 @@ from medsec.protections.aes import read_sealed_header
 from medsec.protections.aes_stage import AESStage
 from medsec.protections.keys import KeyRef, SecretKey, write_key_file
 from medsec.protections.store import RECORDS, EncryptedSource, RecordStore, rotate_key, write_store
-from medsec.utils.outputs import atomic_write
-from medsec.utils.run import save_resolved_config, write_json
+from medsec.utils.outputs import OutputWriter, atomic_write
+from medsec.utils.run import save_resolved_config
 
 log = logging.getLogger("medsec.encrypt")
 ACTIONS = ("store", "rotate", "verify", "keygen", "decrypt")
@@ -185,7 +185,7 @@ def encrypt(cfg: DictConfig) -> dict[str, Any]:
         summary = decrypt_file(cfg, stage)
     else:
         summary = {"store": make_store, "rotate": rotate_store, "verify": verify_store}[cfg.action](cfg, stage)
-    write_json(out_dir / "encrypt_report.json", {"action": cfg.action, **summary})
+    OutputWriter(out_dir).write_json("encrypt_report.json", {"action": cfg.action, **summary})
     return summary
 
 

@@ -24,7 +24,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from medsec.he.compiler import HEProgram, Layer
-from medsec.he.diagonal import DiagonalPlan, plan_layer
+from medsec.he.diagonal import DiagonalPlan
 from medsec.he.planner import CKKSParams
 from medsec.he.wire import (HEInputError, ciphertext_from_bytes, ciphertext_to_bytes, load_public_context,
                                    matching_modes)

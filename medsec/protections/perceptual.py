@@ -163,7 +163,7 @@ class PerceptualEncrypt(Transform):
     def _blocks(self, img: Any, image_id: str | None) -> tuple[np.ndarray, BlockParams, tuple[int, int]]:
         where = f"record {image_id}" if image_id is not None else "image"
         arr = as_uint8(img, where)
-        b, (c, h, w) = self.scheme.block_size, arr.shape
+        b, (_, h, w) = self.scheme.block_size, arr.shape
         if h % b or w % b:
             raise DataError(f"{where}: image size {h}x{w} is not divisible by crypto.block_size={b} "
                             "(resize or crop the source, or pick another block size)")

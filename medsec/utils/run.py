@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import re
@@ -69,17 +68,6 @@ def to_float(value: Any) -> float | None:
     """A metric value as a JSON-safe float (NaN/inf become ``None``)."""
     number = float(value.item() if hasattr(value, "item") else value)
     return number if math.isfinite(number) else None
-
-
-@rank_zero_only
-def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` as pretty JSON, atomically (write to a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def collect_metrics(*metric_maps: Mapping[str, Any]) -> dict[str, float | None]:
