@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "train": "medsec.commands.train:train",
     "eval": "medsec.commands.evaluate:evaluate",
     "attack": "medsec.commands.attack:attack",
+    "audit": "medsec.commands.audit:audit",
     "encrypt": "medsec.commands.encrypt:encrypt",
     "he": "medsec.commands.he:homomorphic",
     "report": "medsec.commands.report:report",

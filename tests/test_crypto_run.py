@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from medsec import cli
-from medsec.protections.keys import read_key_file
-from medsec.protections.store import MANIFEST, RECORDS, live_dir
 from medsec.data.sources.synthetic import SyntheticSource
 from medsec.errors import ConfigError, DataError, SecurityError
+from medsec.protections.keys import read_key_file
+from medsec.protections.store import MANIFEST, RECORDS, live_dir
 from tests.conftest import TINY, medsec_cli, read_metrics, run_verb
 
 DATA = TINY[:2]

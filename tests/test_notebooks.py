@@ -88,6 +88,13 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert found.group(1) == "True" and found.group(3) == "0" and float(found.group(2)) > 0.7
         assert "one flipped bit:\n    record 3 of split 'val'" in text and "two records swapped:\n    record 0" in text
         assert "wrong key" in text
+    if path.stem == "10_differential_privacy":
+        found = re.search(r"^PRIVACY_NOTEBOOK models=(\d+) nodp_attack_auc=([0-9.]+) strictest_epsilon_spent=([0-9.]+)$",
+                          text, re.MULTILINE)
+        assert found, "the privacy notebook did not print its final line"
+        assert int(found.group(1)) == 3 and 0 <= float(found.group(2)) <= 1 and float(found.group(3)) <= 1.0
+        images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+        assert len(images) >= 1, "expected the privacy-utility curve"
     if path.stem == "07_adversarial_robustness":
         found = re.search(r"^ADV_NOTEBOOK pgd2_standard=([0-9.]+) pgd2_at=([0-9.]+) gain_points=(-?[0-9.]+) attacks=(\d+)$",
                           text, re.MULTILINE)

@@ -9,9 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from medsec.cli import VERBS, value_flags
+from medsec.errors import ConfigError
 from medsec.he import HEClient, ModelCard, pack, unpack
 from medsec.he.remote import RemoteServer
-from medsec.errors import ConfigError
 from medsec.he.service import SESSION_HEADER, build_app
 from tests.he.tiny import tiny
 

@@ -18,7 +18,7 @@ def test_requests_is_current_and_torchattacks_imports() -> None:
 
 def test_ci_runs_the_readme_commands() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL)
     setup, test = blocks[0].strip(), blocks[2].strip()
     assert setup.startswith("python3 -m venv .venv") and "--no-deps torchattacks" in setup
     ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]

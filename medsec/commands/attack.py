@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from medsec.analysis.attacks.adapters import adapter_for
 from medsec.analysis.attacks.detector import detection_auc
 from medsec.analysis.attacks.evaluate import parse_eps, run_attack
-from medsec.analysis.attacks.registry import EPS_ATTACKS, build_attack
+from medsec.analysis.attacks.registry import ATTACKS, build_attack
 from medsec.analysis.attacks.report import markdown_table
 from medsec.core.app import hydra_app
 from medsec.core.run import Run
@@ -38,10 +38,10 @@ def attack(cfg: DictConfig) -> dict[str, Any]:
     crafter = adapter_for(Run.open_checkpoint(cfg, surrogate, run.out_dir).task) if surrogate else victim
     spec = OmegaConf.to_container(cfg.attack, resolve=True)
     name, eps_values = spec.pop("name"), parse_eps(spec.pop("eps", None))
-    if name not in EPS_ATTACKS:
+    if not ATTACKS[name].budget:
         eps_values = [None]
     batches = run.batches("test", cfg.max_images)
-    needs_train = name == "uap" or cfg.detector
+    needs_train = ATTACKS[name].universal or cfg.detector
     train_batches = run.batches("train", cfg.train_images) if needs_train else []
     rows: list[dict[str, Any]] = []
     sample: dict[str, torch.Tensor] = {}

@@ -59,6 +59,10 @@ class Protection:
         """Lightning callbacks the protection needs during training."""
         return []
 
+    def trainer_options(self) -> dict[str, Any]:
+        """Lightning ``Trainer`` arguments the protection needs (e.g. no injected distributed sampler)."""
+        return {}
+
     @property
     def seals(self) -> bool:
         """Whether it seals checkpoints or outputs (then it provides ``seal_to``/``open``/``output_writer``)."""
@@ -157,6 +161,16 @@ class Protections(Sequence[Protection]):
 
     def callbacks(self) -> list[L.Callback]:
         return [callback for protection in self._items for callback in protection.callbacks()]
+
+    def trainer_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        for protection in self._items:
+            for key, value in protection.trainer_options().items():
+                if options.get(key, value) != value:
+                    raise ConfigError(f"protect: {protection.name} needs trainer.{key}={value}, another protection "
+                                      f"needs {options[key]}")
+                options[key] = value
+        return options
 
     def output_writer(self, root: str | Path) -> OutputWriter:
         return self.sealer.output_writer(root) if self.sealer else OutputWriter(root)

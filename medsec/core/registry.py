@@ -8,8 +8,8 @@ network, source or task is usable once it is registered here (or with :func:`reg
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from medsec.errors import ConfigError
 
@@ -49,7 +49,8 @@ _REGISTRY: dict[str, set[str]] = {
         "torch.optim.lr_scheduler.ReduceLROnPlateau", "torch.optim.lr_scheduler.OneCycleLR",
     },
     "protection": {"medsec.protections.AESStage", "medsec.protections.perceptual.PerceptualStage",
-                   "medsec.protections.adversarial_training.AdversarialTraining"},
+                   "medsec.protections.adversarial_training.AdversarialTraining",
+                   "medsec.protections.dp.DifferentialPrivacy"},
     "cipher": {
         "medsec.analysis.ciphers.classical.AESCTRCipher", "medsec.analysis.ciphers.classical.ChaoticCipher",
         "medsec.analysis.ciphers.learned.DeepKeyGenCipher.from_checkpoint",
@@ -66,6 +67,40 @@ _REGISTRY: dict[str, set[str]] = {
     },
 }
 KINDS = tuple(_REGISTRY)
+T = TypeVar("T")
+
+
+class Named(Generic[T]):
+    """The implementations of one extension point by the name a config gives (``attack=pgd``,
+    ``scheme=ckks``): what a name may select is what was registered here, nothing importable."""
+
+    def __init__(self, kind: str, field: str) -> None:
+        self.kind, self.field = kind, field
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T) -> T:
+        """Make ``item`` selectable as ``name``; a name is registered once."""
+        if name in self._items:
+            raise ValueError(f"{self.kind} '{name}' is already registered")
+        self._items[name] = item
+        return item
+
+    def unregister(self, name: str) -> None:
+        self._items.pop(name)
+
+    def __getitem__(self, name: str) -> T:
+        if name not in self._items:
+            raise ConfigError(f"{self.field}: unknown {self.kind} '{name}'; one of {sorted(self._items)}")
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def register(kind: str, target: str) -> None:

@@ -134,11 +134,13 @@ class Run:
 
     def trainer(self, callbacks: Sequence[L.Callback] | None = None) -> L.Trainer:
         """A Lightning trainer for this run: medsec's checkpoint I/O (weights-only reads, sealing
-        when a protection seals), the configured loggers (refused if they cannot be sealed)."""
+        when a protection seals), the configured loggers (refused if they cannot be sealed), and the
+        options the protections need."""
         loggers = instantiate_list(self.cfg.get("logger"))
         check_sealed_loggers(self.protections.sealer, loggers)
         return instantiate(self.cfg.trainer, callbacks=list(callbacks if callbacks is not None else self.callbacks()),
-                           logger=loggers, plugins=[CheckpointIO(self.protections.sealer, self.out_dir)])
+                           logger=loggers, plugins=[CheckpointIO(self.protections.sealer, self.out_dir)],
+                           **self.protections.trainer_options())
 
     @property
     def writer(self) -> OutputWriter:

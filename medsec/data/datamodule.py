@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose
 from torch.utils.data import DataLoader
@@ -34,6 +35,8 @@ class MedicalDataModule(L.LightningDataModule):
             a ``_partial_`` config fixes the rest. Default: :func:`classification_transforms`.
         eval_batch_size: global batch size for validation and test (e.g. 1 for whole volumes);
             default ``batch_size``.
+        train_subset: train on this many training records only, a seeded random choice (learning
+            curves, small-data models for membership audits); ``None`` = all.
     """
 
     def __init__(
@@ -48,9 +51,11 @@ class MedicalDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         pipeline: Callable[..., Compose] | None = None,
         eval_batch_size: int | None = None,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1),
+                            ("train_subset", 1 if train_subset is None else train_subset)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be positive, got {value}")
         self.source = source
@@ -65,6 +70,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.pipeline = pipeline or classification_transforms
         self.eval_batch_size = eval_batch_size or batch_size
+        self.train_subset = train_subset
         self._data: SourceData | None = None
         self.datasets: dict[str, Dataset] = {}
 
@@ -110,14 +116,25 @@ class MedicalDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split not in self.datasets:
-                self.datasets[split] = self._build(split, self.data.splits[split])
+                self.datasets[split] = self.dataset(self.records(split), train=split == "train")
 
-    def _build(self, split: str, records: list[Record]) -> Dataset:
+    def records(self, split: str) -> list[Record]:
+        """The records of ``split`` that the run uses (the training subset, if one is set)."""
+        records = self.data.splits[split]
+        if split != "train" or self.train_subset is None:
+            return records
+        if self.train_subset > len(records):
+            raise ConfigError(f"data.train_subset={self.train_subset} exceeds the {len(records)} training records")
+        keep = np.random.default_rng(0).permutation(len(records))[: self.train_subset]
+        return [records[i] for i in sorted(keep)]
+
+    def dataset(self, records: list[Record], train: bool = False) -> Dataset:
+        """``records`` through the training pipeline (augmented) or the evaluation one."""
         reader = self.data.reader
         if reader is None and self.data.from_files:
             reader = LoadImageNamed(["image", "mask"], allow_missing_keys=True)
         transform = self.pipeline(
-            train=split == "train",
+            train=train,
             reader=reader,
             in_channels=self.in_channels,
             spatial_dims=self.data.spatial_dims,

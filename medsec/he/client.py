@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi as sealapi
+from tenseal import sealapi
 
 from medsec.he.compiler import ModelCard
 from medsec.he.diagonal import replicate

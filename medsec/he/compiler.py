@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsec.errors import ConfigError
 from medsec.he.diagonal import DiagonalPlan, next_pow2, plan_layer
 from medsec.he.planner import CKKSParams, plan_parameters
-from medsec.errors import ConfigError
 from medsec.models.classifiers import Classifier
 from medsec.models.he_cnn import Square
 

@@ -21,14 +21,19 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi as sealapi
+from tenseal import sealapi
 
+from medsec.errors import ConfigError, MedsecError
 from medsec.he.compiler import HEProgram, Layer
 from medsec.he.diagonal import DiagonalPlan
 from medsec.he.planner import CKKSParams
-from medsec.he.wire import (HEInputError, ciphertext_from_bytes, ciphertext_to_bytes, load_public_context,
-                                   matching_modes)
-from medsec.errors import ConfigError, MedsecError
+from medsec.he.wire import (
+    HEInputError,
+    ciphertext_from_bytes,
+    ciphertext_to_bytes,
+    load_public_context,
+    matching_modes,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("throughput", "latency")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from medsec.errors import ConfigError
 from medsec.he.compiler import ModelCard
 from medsec.he.wire import HEInputError, pack, unpack
-from medsec.errors import ConfigError
 
 OCTETS = {"content-type": "application/octet-stream"}
 SESSION_HEADER = "x-medsec-session"

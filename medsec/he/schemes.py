@@ -7,7 +7,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
-from medsec.errors import ConfigError
+from medsec.core.registry import Named
 from medsec.he.client import HEClient
 from medsec.he.compiler import HEProgram, ModelCard, compile_model
 from medsec.he.evaluator import MODES, HEServer
@@ -43,11 +43,10 @@ class CKKS:
         return HEServer(program, public_context)
 
 
-SCHEMES: dict[str, type[HEScheme]] = {"ckks": CKKS}
+SCHEMES: Named[type[HEScheme]] = Named("homomorphic scheme", "scheme")
+SCHEMES.register(CKKS.name, CKKS)
 
 
 def get_scheme(name: str) -> HEScheme:
     """The scheme registered under ``name`` (``scheme=...``)."""
-    if name not in SCHEMES:
-        raise ConfigError(f"scheme: unknown homomorphic scheme '{name}'; choose one of {sorted(SCHEMES)}")
     return SCHEMES[name]()

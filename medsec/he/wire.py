@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import tenseal as ts
-import tenseal.sealapi as sealapi
+from tenseal import sealapi
 
-from medsec.he.planner import CKKSParams
 from medsec.errors import DataError, SecurityError
+from medsec.he.planner import CKKSParams
 
 log = logging.getLogger(__name__)
 _LENGTH = struct.Struct(">I")

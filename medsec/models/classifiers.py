@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from medsec.errors import ConfigError
 
@@ -64,6 +66,34 @@ def small_cnn(
     return Classifier(backbone, 4 * w, num_classes)
 
 
+class _BasicBlock(BasicBlock):
+    """torchvision's block with the residual added out of place: the in-place ``out += identity``
+    modifies a tensor that per-sample gradient hooks (Opacus, DP-SGD) must keep intact."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class _Bottleneck(Bottleneck):
+    """:class:`_BasicBlock`'s change for the three-convolution block (ResNet-50)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class _DenseNet(tvm.DenseNet):
+    """torchvision's DenseNet with the final ReLU out of place (same weights and keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
+        return self.classifier(torch.flatten(out, 1))
+
+
 def resnet(
     num_classes: int,
     in_channels: int = 1,
@@ -74,10 +104,10 @@ def resnet(
     """torchvision ResNet-18/50. ``small_input`` uses a 3x3 stride-1 stem without max-pooling
     (the MedMNIST "ResNet (28)" setting) so 28x28 images keep their resolution."""
     _require_2d("resnet", spatial_dims)
-    builders = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50}
-    if depth not in builders:
-        raise ConfigError(f"model.net.depth must be one of {sorted(builders)}, got {depth}")
-    net = builders[depth](weights=None)
+    layouts = {18: (_BasicBlock, [2, 2, 2, 2]), 34: (_BasicBlock, [3, 4, 6, 3]), 50: (_Bottleneck, [3, 4, 6, 3])}
+    if depth not in layouts:
+        raise ConfigError(f"model.net.depth must be one of {sorted(layouts)}, got {depth}")
+    net = tvm.ResNet(*layouts[depth])
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     if small_input:
@@ -91,7 +121,7 @@ def resnet(
 def densenet121(num_classes: int, in_channels: int = 1, spatial_dims: int = 2) -> Classifier:
     """torchvision DenseNet-121, the CheXNet backbone."""
     _require_2d("densenet121", spatial_dims)
-    net = tvm.densenet121(weights=None)
+    net = _DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
     feature_dim = net.classifier.in_features
     net.classifier = nn.Identity()
     net.features.conv0 = _adapt_conv(net.features.conv0, in_channels)

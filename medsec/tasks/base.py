@@ -19,6 +19,7 @@ from torchmetrics.aggregation import MaxMetric, MinMetric
 from medsec.core.checkpoint import read_checkpoint
 from medsec.core.registry import safe_instantiate
 from medsec.errors import ConfigError
+from medsec.models.norms import BATCH_NORM_CHOICES, group_norm
 
 if TYPE_CHECKING:
     from medsec.tasks.objective import AttackObjective
@@ -48,6 +49,9 @@ class BaseTask(L.LightningModule, ABC):
     * :meth:`attack_objective`: how adversarial attacks attack and score it, or a ``ConfigError``
       saying it cannot be attacked.
     * :meth:`save_test_outputs`: its test artifacts, written only through the writer it is given.
+    * :meth:`sample_loss`: the loss of each sample on its own, for tasks that can train with
+      differential privacy (per-sample clipping needs losses that do not mix samples) and be
+      audited for membership; :meth:`training_loss` is what a training step minimises.
     """
 
     net: nn.Module
@@ -57,6 +61,8 @@ class BaseTask(L.LightningModule, ABC):
     """``max`` or ``min``: which way :attr:`monitor` improves."""
     also_tracked: ClassVar[Mapping[str, str]] = {}
     """Further validation metrics whose best-so-far value is logged (name -> ``max``/``min``)."""
+    per_sample_training: bool = False
+    """Train on the mean of :meth:`sample_loss` (set by protections that clip per-sample gradients)."""
 
     def __init__(self, model: Mapping[str, Any], optimizer: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -114,6 +120,25 @@ class BaseTask(L.LightningModule, ABC):
         (:mod:`medsec.tasks.objective`); a ``ConfigError`` naming the task if it cannot be attacked."""
         raise ConfigError(f"{type(self).__name__} cannot be attacked: it declares no attack objective")
 
+    def sample_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of every sample of a batch, shape ``(N,)``, each depending on that sample
+        alone; a ``ConfigError`` naming the task if it has none."""
+        raise ConfigError(f"{type(self).__name__} declares no per-sample loss (it cannot train with "
+                          "differential privacy or be audited for membership)")
+
+    @classmethod
+    def has_sample_loss(cls) -> bool:
+        return cls.sample_loss is not BaseTask.sample_loss
+
+    def training_loss(self, outputs: torch.Tensor, target: torch.Tensor, loss: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """What a training step minimises: ``loss(outputs, target)``, or the mean of
+        :meth:`sample_loss` under :attr:`per_sample_training` (no sample's loss depends on another,
+        unlike a class-weighted or masked batch mean)."""
+        if self.per_sample_training:
+            losses = self.sample_loss(outputs, target)
+            return losses.sum() / max(len(losses), 1)  # Poisson sampling may draw an empty batch
+        return loss(outputs, target)
+
     def save_test_outputs(self, out_dir: str | Path, writer: OutputWriter) -> None:
         """Write what the last test produced (plots, per-case predictions) through ``writer``, never
         to disk directly (a sealing writer encrypts them); nothing by default."""
@@ -134,10 +159,15 @@ class BaseTask(L.LightningModule, ABC):
         return self.net(x)
 
     def build_net(self, **data_args: Any) -> nn.Module:
-        """Instantiate ``model.net`` with the arguments the data decide (classes, channels, dims)."""
+        """Instantiate ``model.net`` with the arguments the data decide (classes, channels, dims);
+        ``model.batch_norm=group`` replaces its BatchNorm layers by GroupNorm."""
         if "net" not in self.hparams.model:
             raise ConfigError("model.net is missing: the model config must say which network to build")
-        return safe_instantiate(self.hparams.model["net"], "model.net", ("network",), **data_args)
+        net = safe_instantiate(self.hparams.model["net"], "model.net", ("network",), **data_args)
+        batch_norm = self.hparams.model.get("batch_norm", "keep")
+        if batch_norm not in BATCH_NORM_CHOICES:
+            raise ConfigError(f"model.batch_norm must be one of {list(BATCH_NORM_CHOICES)}, got '{batch_norm}'")
+        return group_norm(net) if batch_norm == "group" else net
 
     @staticmethod
     def gather_rows(rows: list[Any], key: Callable[[Any], Hashable]) -> list[Any]:

@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
-from medsec.tasks.multilabel import UNKNOWN, defined_classes, macro_auroc, masked_bce
+from medsec.tasks.multilabel import UNKNOWN, defined_classes, macro_auroc, masked_bce, masked_bce_per_sample
 from medsec.tasks.objective import AttackObjective, multiclass_objective, multilabel_objective
 from medsec.utils.outputs import OutputWriter
 
@@ -127,13 +127,19 @@ class ClassificationTask(BaseTask):
             return F.cross_entropy(logits, target, weight=self.class_weight)
         return masked_bce(logits, target)
 
+    def sample_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Class-weighted cross-entropy (multi-class) or masked BCE (multi-label) of each sample."""
+        if not self.hparams.multilabel:
+            return F.cross_entropy(logits, target, weight=self.class_weight, reduction="none")
+        return masked_bce_per_sample(logits, target)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.hparams.multilabel else torch.softmax(logits, dim=1)
 
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["image"])
         target = batch["label"]
-        loss = self.loss(logits, target)
+        loss = self.training_loss(logits, target, self.loss) if stage == "train" else self.loss(logits, target)
         probs = self.probabilities(logits.detach())
         metric_target = target.long() if self.hparams.multilabel else target
         self._metrics(stage).update(probs, metric_target)

@@ -17,6 +17,13 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (per_item * known).sum() / known.sum().clamp(min=1)
 
 
+def masked_bce_per_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_bce` of each sample on its own, shape ``(N,)``."""
+    known = target != UNKNOWN
+    per_item = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0).float(), reduction="none")
+    return (per_item * known).flatten(1).sum(1) / known.flatten(1).sum(1).clamp(min=1)
+
+
 def label_counts(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(positives, negatives) per class of multi-label targets ``(N, C)``; ``UNKNOWN`` counts as neither."""
     return (target == 1).sum(0), (target == 0).sum(0)

@@ -1,6 +1,7 @@
 """Semantic segmentation of 2D images and 3D volumes (MONAI UNet, SegResNet, DynUNet)."""
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import CumulativeIterationMetric, DiceMetric, HausdorffDistanceMetric
@@ -119,8 +121,16 @@ class SegmentationTask(BaseTask):
         return sliding_window_inference(image, hp.roi_size, hp.sw_batch_size, self.net, overlap=hp.overlap,
                                         mode="gaussian")
 
+    def sample_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The Dice + cross-entropy loss of each image (the Dice of one image, CE averaged over its voxels)."""
+        dice = copy.copy(self.loss_fn.dice)
+        dice.reduction = "none"
+        ce = F.cross_entropy(logits, target[:, 0].long(), weight=self.loss_fn.cross_entropy.weight, reduction="none")
+        return (self.loss_fn.lambda_dice * dice(logits, target).flatten(1).mean(1)
+                + self.loss_fn.lambda_ce * ce.flatten(1).mean(1))
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self(batch["image"]), batch["label"])
+        loss = self.training_loss(self(batch["image"]), batch["label"], self.loss_fn)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(batch["image"]))
         return loss

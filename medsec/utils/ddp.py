@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch.distributed as dist
-
 from hydra.core.hydra_config import HydraConfig
 
 

@@ -6,11 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from medsec.analysis.attacks import ATTACKS, adapter_for, build_attack
 from medsec.analysis.attacks.defenses import jpeg, median
 from medsec.analysis.attacks.detector import detection_auc
 from medsec.analysis.attacks.evaluate import parse_eps, run_attack
+from medsec.analysis.attacks.registry import AttackSpec, register_attack
 from medsec.data import MedicalDataModule
 from medsec.data.sources.synthetic import SyntheticSource
 from medsec.errors import ConfigError
@@ -34,6 +36,29 @@ def test_batch() -> tuple[torch.Tensor, torch.Tensor]:
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     return batch["image"], batch["label"]
+
+
+def test_every_attack_config_names_a_registered_attack() -> None:
+    from medsec.utils.config import REPO_ROOT
+
+    configured = {OmegaConf.load(path).name for path in (REPO_ROOT / "conf" / "attack").glob("*.yaml")}
+    assert configured == set(ATTACKS) and len(ATTACKS) == 8
+    with pytest.raises(ValueError, match="attack 'pgd' is already registered"):
+        register_attack(AttackSpec("pgd"))
+
+
+def test_a_registered_attack_runs_on_every_task_kind(trained: ClassificationTask, test_batch) -> None:
+    """A spec without a torchattacks implementation uses medsec's gradient attack, multi-class included."""
+    images, labels = test_batch
+    register_attack(AttackSpec("l2_step", norm="l2", single_step=True))
+    try:
+        victim = adapter_for(trained)
+        attack = build_attack("l2_step", victim, 1.0)
+        assert attack._torchattack is None and attack.norm == "l2"
+        (row,), _ = run_attack(victim, attack, [(images, labels)])
+        assert row["adversarial"] < row["clean"] and row["l2"] <= 1.0 + 1e-4
+    finally:
+        ATTACKS.unregister("l2_step")
 
 
 PARAMS = {"cw": {"steps": 30, "c": 5.0, "lr": 0.05}, "deepfool": {"steps": 20}, "bim": {"steps": 5},
@@ -121,7 +146,7 @@ def test_segmentation_adapter_attacks_the_dice_ce_loss() -> None:
 
 def test_bad_attack_settings_are_named(trained: ClassificationTask) -> None:
     victim = adapter_for(trained)
-    with pytest.raises(ConfigError, match="attack.name must be one of"):
+    with pytest.raises(ConfigError, match=r"attack.name: unknown attack 'onepixel'; one of \['bim', 'cw'"):
         build_attack("onepixel", victim, 0.1)
     with pytest.raises(ConfigError, match=r"attack.eps for pgd must be in \(0, 1\]"):
         build_attack("pgd", victim, 8)

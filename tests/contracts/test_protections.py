@@ -14,6 +14,7 @@ from medsec.core.contracts import Protection, Protections
 from medsec.core.registry import registered
 from medsec.core.run import Run
 from medsec.errors import ConfigError
+from medsec.models.norms import batch_norm_modules
 from medsec.protections import AESStage, KeyRef, SecretKey
 from medsec.protections.adversarial_training import AdversarialTraining
 from medsec.protections.keys import write_key_file
@@ -22,7 +23,9 @@ from medsec.utils.config import compose_config
 from tests.conftest import TINY, run_verb
 
 PROTECTIONS = {"medsec.protections.AESStage": "aes", "medsec.protections.perceptual.PerceptualStage": "perceptual",
-               "medsec.protections.adversarial_training.AdversarialTraining": "adversarial_training"}
+               "medsec.protections.adversarial_training.AdversarialTraining": "adversarial_training",
+               "medsec.protections.dp.DifferentialPrivacy": "dp"}
+KEYLESS = ("adversarial_training", "dp")
 TINY_DATA = [o for o in TINY if o.startswith("data.")]
 
 
@@ -51,7 +54,7 @@ def test_every_registered_protection_has_a_config_and_a_name() -> None:
 
 
 def options(site: dict, name: str) -> list[str]:
-    key = f"protect.{name}.key.file={site['key_file']}" if name != "adversarial_training" else None
+    key = f"protect.{name}.key.file={site['key_file']}" if name not in KEYLESS else None
     return [f"protect=[{name}]", *([key] if key else []), f"paths.store_dir={site['root'] / 'stores'}"]
 
 
@@ -73,6 +76,10 @@ def test_each_protection_round_trips(site: dict, name: str, tmp_path: Path) -> N
         source_image = as_uint8(plain.datamodule.source.load().splits["test"][0]["image"], "plain")
         assert not torch.equal(seen, clean) and not np.array_equal(encrypted, source_image)
         np.testing.assert_array_equal(run.protections[0].cipher().inverse(encrypted, record["id"]), source_image)
+    elif name == "dp":  # the same images; the model made private: no BatchNorm, per-sample losses
+        assert torch.equal(seen, clean) and run.task.per_sample_training
+        assert run.task.hparams.model["batch_norm"] == "group" and not batch_norm_modules(run.task.net)
+        assert run.protections.trainer_options() == {"use_distributed_sampler": False}
     else:  # adversarial training: a callback that replaces the batch within its epsilon
         callback = run.protections.callbacks()[0]
         assert isinstance(callback, AdversarialTraining) and callback in run.callbacks()

@@ -15,7 +15,6 @@ from medsec.errors import DataError
 from .fakes import nih_rows, shared_data, write_csv, write_nih
 
 
-
 def patients_of(data: SourceData, split: str) -> set[str]:
     return {record["id"].split("_")[0] for record in data.splits[split]}
 

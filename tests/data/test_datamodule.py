@@ -67,3 +67,17 @@ def test_eval_batch_size_applies_to_validation_and_test_only() -> None:
     assert dm.val_dataloader().batch_size == 2 and dm.test_dataloader().batch_size == 2
     with pytest.raises(ConfigError, match="eval_batch_size must be positive"):
         make(eval_batch_size=-1)
+
+
+def test_train_subset_is_a_seeded_choice_of_training_records_only() -> None:
+    full, first, again = make(), make(train_subset=10), make(train_subset=10)
+    for dm in (full, first, again):
+        dm.setup(None)
+    ids = [item["id"] for item in first.datasets["train"]]
+    assert len(ids) == 10 and ids == [item["id"] for item in again.datasets["train"]]
+    assert set(ids) < {item["id"] for item in full.datasets["train"]}
+    assert len(first.datasets["val"]) == 12 and len(first.datasets["test"]) == 12
+    with pytest.raises(ConfigError, match="data.train_subset=41 exceeds the 40 training records"):
+        make(train_subset=41).setup("fit")
+    with pytest.raises(ConfigError, match="data.train_subset must be positive"):
+        make(train_subset=0)

@@ -14,7 +14,6 @@ from medsec.errors import DataError
 
 from .fakes import make_class_folders, write_csv, write_dicom, write_nifti, write_png
 
-
 WRITERS: dict[str, Callable[[Path], Path]] = {
     "png": write_png,
     "jpg": write_png,

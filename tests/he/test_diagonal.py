@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsec.he.diagonal import NumpyOps, plan_layer, replicate
 from medsec.errors import ConfigError
+from medsec.he.diagonal import NumpyOps, plan_layer, replicate
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(784, 256), (256, 32), (32, 2), (3, 10), (5, 5), (1, 1)])

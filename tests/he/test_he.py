@@ -7,9 +7,9 @@ import tenseal as ts
 import torch
 from torch import nn
 
+from medsec.errors import ConfigError
 from medsec.he import HEClient, HEInputError, HEServer, SecretKeyRefused, compile_model, pack, unpack
 from medsec.he.wire import ciphertext_to_bytes
-from medsec.errors import ConfigError
 from medsec.models import Classifier, small_cnn
 from tests.he.tiny import tiny
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from medsec.errors import ConfigError
 from medsec.he import CKKSParams, plan_parameters
 from medsec.he.planner import MAX_MODULUS_BITS, noise_bits
-from medsec.errors import ConfigError
 
 
 def test_plan_for_the_default_he_cnn_depth() -> None:
@@ -46,5 +46,5 @@ def test_schemes_are_chosen_by_name() -> None:
     from medsec.he.schemes import CKKS, get_scheme
 
     assert isinstance(get_scheme("ckks"), CKKS) and get_scheme("ckks").modes == ("throughput", "latency")
-    with pytest.raises(ConfigError, match="scheme: unknown homomorphic scheme 'bfv'; choose one of \\['ckks'\\]"):
+    with pytest.raises(ConfigError, match="scheme: unknown homomorphic scheme 'bfv'; one of \\['ckks'\\]"):
         get_scheme("bfv")

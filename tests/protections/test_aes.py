@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from medsec.errors import ConfigError, SecurityError
 from medsec.protections.aes import cipher_for, open_sealed_bytes, seal, seal_file_bytes, unseal
 from medsec.protections.keys import KeyRef, SecretKey, write_key_file
-from medsec.errors import ConfigError, SecurityError
 
 
 def test_envelope_round_trip_and_fresh_nonces() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from medsec.errors import ConfigError
 from medsec.protections.keys import (
     KeyRef,
     SecretKey,
@@ -16,7 +17,6 @@ from medsec.protections.keys import (
     passphrase_key,
     write_key_file,
 )
-from medsec.errors import ConfigError
 
 MATERIAL = bytes(range(32))
 

@@ -9,9 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from medsec.protections import KeyRef, SecretKey
-from medsec.protections.perceptual import BlockScheme, PerceptualEncrypt, PerceptualEncryptd, PerceptualStage, to_blocks
 from medsec.errors import ConfigError, DataError
+from medsec.protections import KeyRef, SecretKey
+from medsec.protections.perceptual import (
+    BlockScheme,
+    PerceptualEncrypt,
+    PerceptualEncryptd,
+    PerceptualStage,
+    to_blocks,
+)
 
 STEPS = ("scramble", "rotate_flip", "negative_positive", "channel_shuffle")
 
@@ -61,7 +67,7 @@ def test_tensors_and_unit_floats_are_read_as_8_bit(key: SecretKey) -> None:
 def test_block_scrambling_permutes_whole_blocks(key: SecretKey) -> None:
     plain = noise(1)
     encrypted = PerceptualEncrypt.from_key(key, only("scramble"))(plain)
-    sort = lambda img: sorted(b.tobytes() for b in to_blocks(img, 4))  # noqa: E731
+    sort = lambda img: sorted(b.tobytes() for b in to_blocks(img, 4))
     assert sort(encrypted) == sort(plain) and not (to_blocks(encrypted, 4) == to_blocks(plain, 4)).all()
 
 
@@ -111,7 +117,7 @@ def test_keys_decide_the_image_and_one_key_scrambles_every_image_alike(key: Secr
 def test_block_statistics_survive(key: SecretKey) -> None:
     plain = noise(3)
     encrypted = PerceptualEncrypt.from_key(key)(plain)
-    stats = lambda img: sorted(np.round(to_blocks(img, 4).std(axis=(1, 2, 3)), 6))  # noqa: E731
+    stats = lambda img: sorted(np.round(to_blocks(img, 4).std(axis=(1, 2, 3)), 6))
     assert stats(encrypted) == stats(plain)
     assert np.histogram(encrypted, 256, (0, 256))[0].sum() == plain.size
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medsec.commands.encrypt import encrypt_source
+from medsec.data import MedicalDataModule
+from medsec.data.sources import ChestXray14Source, FolderSource, MedMNISTSource
+from medsec.data.sources.base import DataSource
+from medsec.data.sources.synthetic import SyntheticSource
+from medsec.data.transforms import LoadImageNamed
+from medsec.errors import ConfigError, DataError, SecurityError
 from medsec.protections import AESStage, KeyRef, SecretKey
 from medsec.protections.keys import write_key_file
 from medsec.protections.store import (
@@ -24,15 +30,7 @@ from medsec.protections.store import (
     live_dir,
     write_store,
 )
-from medsec.data import MedicalDataModule
-from medsec.data.sources import ChestXray14Source, FolderSource, MedMNISTSource
-from medsec.data.sources.base import DataSource
-from medsec.data.sources.synthetic import SyntheticSource
-from medsec.data.transforms import LoadImageNamed
-from medsec.commands.encrypt import encrypt_source
-from medsec.errors import ConfigError, DataError, SecurityError
-from tests.data.fakes import nih_rows, write_nih, write_npz
-from tests.data.fakes import make_class_folders
+from tests.data.fakes import make_class_folders, nih_rows, write_nih, write_npz
 
 
 def batches(source: DataSource, image_size: int | None = None, **kwargs) -> list[dict]:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from medsec.errors import DataError, SecurityError
+from medsec.models.compression import CompressiveAutoencoder
 from medsec.protections import KeyRef, SecretKey
 from medsec.protections.keys import write_key_file
 from medsec.protections.transmission import (
@@ -22,8 +24,6 @@ from medsec.protections.transmission import (
     read_header,
     transmit,
 )
-from medsec.errors import DataError, SecurityError
-from medsec.models.compression import CompressiveAutoencoder
 
 
 def make_model(seed: int = 0, latent_channels: int = 4) -> CompressiveAutoencoder:

@@ -30,13 +30,13 @@ def card() -> ModelCard:
     return tiny()[1].card(PRECISION)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def he_client(mode: str) -> HEClient:
     """One client per mode for the whole session (a latency context takes about 2 s, 80 MB)."""
     return HEClient(card(), mode)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def public_context(mode: str) -> bytes:
     return he_client(mode).public_context()
 

@@ -46,14 +46,14 @@ def corrupted(draw: st.DrawFn, data: bytes, hot: int = 256) -> bytes:
     return bytes(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ciphertexts() -> dict[str, bytes]:
     """One throughput ciphertext as a client sends it (zstd) and the same one uncompressed."""
     blob = he_client("throughput").encrypt(tiny()[2].numpy())[0]
     return {"zstd": blob, "raw": seal_object(*uncompressed(blob))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def contexts() -> dict[str, bytes]:
     client = he_client("throughput")
     return {"public": public_context("throughput"),

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medsec.errors import ConfigError, DataError, MedsecError, SecurityError
+from medsec.models.compression import CompressiveAutoencoder
 from medsec.protections import keys
 from medsec.protections.keys import (
     KeyRef,
@@ -28,8 +30,6 @@ from medsec.protections.keys import (
     write_key_file,
 )
 from medsec.protections.transmission import MAGIC, SecureChannel, read_header
-from medsec.errors import ConfigError, DataError, MedsecError, SecurityError
-from medsec.models.compression import CompressiveAutoencoder
 
 MATERIAL = bytes(range(1, 33))
 PASSPHRASE = "correct horse battery staple"

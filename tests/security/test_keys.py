@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from medsec.protections.keys import KeyRef, SecretKey, parse_key_text, read_key_file, write_key_file
 from medsec.errors import ConfigError
+from medsec.protections.keys import KeyRef, SecretKey, parse_key_text, read_key_file, write_key_file
 
 MATERIAL = bytes(range(1, 33))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medsec.protections import AESStage, KeyRef
 from medsec.errors import ConfigError, SecurityError
+from medsec.protections import AESStage, KeyRef
 from medsec.utils.outputs import RUN_FILE, ensure_run_id
 from tests.conftest import TINY, run_verb
 

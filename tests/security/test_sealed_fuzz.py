@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medsec.errors import MedsecError
 from medsec.protections import KeyRef, SecretKey
 from medsec.protections.aes import SEALED_MAGIC, open_sealed_bytes, seal_file_bytes
 from medsec.protections.keys import write_key_file
-from medsec.errors import MedsecError
 
 NAME, RUN = "predictions/case_7.nii.gz.enc", "0123456789abcdef0123456789abcdef"
 PLAINTEXT = b"label map " * 40

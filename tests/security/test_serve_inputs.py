@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import tenseal as ts
-import tenseal.sealapi as sealapi
 from fastapi.testclient import TestClient
+from tenseal import sealapi
 
 from medsec.he import HEClient, HEInputError, HEServer, pack
 from medsec.he.service import SESSION_HEADER, build_app

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
+from medsec.errors import ConfigError
 from medsec.he import pack
 from medsec.he.remote import RemoteServer
-from medsec.errors import ConfigError
 from medsec.he.service import SESSION_HEADER, build_app, serve_settings
 from tests.he.tiny import tiny
 from tests.security.serve_support import PRECISION, he_client, public_context, token_file

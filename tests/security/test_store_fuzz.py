@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medsec.errors import DataError, MedsecError
 from medsec.protections import store as store_module
 from medsec.protections.keys import KeyRef, SecretKey, read_key_file, write_key_file
 from medsec.protections.store import (
@@ -35,7 +36,6 @@ from medsec.protections.store import (
     live_dir,
     write_store,
 )
-from medsec.errors import DataError, MedsecError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 RECORDS_IN = {

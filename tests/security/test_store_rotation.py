@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medsec.data.sources.base import SPLITS
+from medsec.errors import ConfigError, DataError, SecurityError
 from medsec.protections import store as store_module
 from medsec.protections.keys import KeyRef, SecretKey, write_key_file
 from medsec.protections.store import (
@@ -35,8 +37,6 @@ from medsec.protections.store import (
     rotate_key,
     write_store,
 )
-from medsec.data.sources.base import SPLITS
-from medsec.errors import ConfigError, DataError, SecurityError
 from tests.conftest import run_verb
 
 KILLED = 137

@@ -13,8 +13,8 @@ from torch import nn
 from medsec.core.registry import register
 from medsec.data.datamodule import MedicalDataModule
 from medsec.data.sources.synthetic import SyntheticSource
-from medsec.models.baselines import GaussianFilter, NonLocalMeans, estimate_sigma
 from medsec.errors import ConfigError
+from medsec.models.baselines import GaussianFilter, NonLocalMeans, estimate_sigma
 from medsec.tasks.denoising import DenoisingTask, accepted_arguments
 from medsec.utils.outputs import OutputWriter
 

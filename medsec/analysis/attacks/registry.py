@@ -3,28 +3,88 @@ for multi-label and segmentation models, and the universal adversarial perturbat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torchattacks
+from torch import nn
 
 from medsec.analysis.attacks.adapters import TaskAdapter
 from medsec.analysis.attacks.gradient import pgd, project, universal_perturbation
+from medsec.core.registry import Named
 from medsec.errors import ConfigError
 
-ATTACKS = ("fgsm", "bim", "pgd", "pgdl2", "cw", "deepfool", "jsma", "uap")
-EPS_ATTACKS = frozenset({"fgsm", "bim", "pgd", "pgdl2", "uap"})
-"""Attacks bounded by an epsilon (L-inf, or L2 for pgdl2); the others minimise the perturbation."""
 JSMA_MAX_PIXELS = 64 * 64
-CLASS_LOGIT_ATTACKS = frozenset({"cw", "deepfool", "jsma"})
-"""Defined on class logits: multi-class models only."""
+TorchAttackFactory = Callable[[nn.Module, "float | None", Mapping[str, Any]], torchattacks.attack.Attack]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What an attack is and how it is built.
+
+    Args:
+        name: the name configs use (``attack=<name>``, ``conf/attack/<name>.yaml``).
+        norm: the norm its perturbation is measured and projected in.
+        budget: bounded by ``attack.eps`` (L-inf in [0, 1], or an L2 radius); unbounded attacks
+            (C&W, DeepFool, JSMA) minimise the perturbation instead.
+        multiclass_only: defined on class logits, so multi-class models only.
+        torchattack: builds the torchattacks implementation used on multi-class models from
+            (model, eps, params); ``None`` runs medsec's loss-agnostic gradient attack on every kind.
+        single_step: the gradient attack takes one step of size eps (FGSM) instead of
+            ``attack.steps`` steps of ``attack.alpha`` x eps.
+        random_start: the gradient attack starts from a random point of the budget ball.
+        universal: one perturbation fitted on training images, then added to every image (UAP).
+    """
+
+    name: str
+    norm: Literal["linf", "l2"] = "linf"
+    budget: bool = True
+    multiclass_only: bool = False
+    torchattack: TorchAttackFactory | None = None
+    single_step: bool = False
+    random_start: bool = False
+    universal: bool = False
+
+
+ATTACKS: Named[AttackSpec] = Named("attack", "attack.name")
+"""Every attack by name; :func:`register_attack` adds one."""
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    """Make ``spec`` available as ``attack=<spec.name>`` (give it a ``conf/attack/<name>.yaml``)."""
+    return ATTACKS.register(spec.name, spec)
+
+
+def _alpha(eps: float | None, params: Mapping[str, Any]) -> float:
+    return (eps or 0) * float(params.get("alpha", 0.25))
+
+
+for _spec in (
+    AttackSpec("fgsm", single_step=True, torchattack=lambda m, eps, p: torchattacks.FGSM(m, eps=eps)),
+    AttackSpec("bim", torchattack=lambda m, eps, p: torchattacks.BIM(
+        m, eps=eps, alpha=_alpha(eps, p), steps=int(p.get("steps", 10)))),
+    AttackSpec("pgd", random_start=True, torchattack=lambda m, eps, p: torchattacks.PGD(
+        m, eps=eps, alpha=_alpha(eps, p), steps=int(p.get("steps", 10)), random_start=True)),
+    AttackSpec("pgdl2", norm="l2", random_start=True, torchattack=lambda m, eps, p: torchattacks.PGDL2(
+        m, eps=eps, alpha=_alpha(eps, p), steps=int(p.get("steps", 10)), random_start=True)),
+    AttackSpec("cw", norm="l2", budget=False, multiclass_only=True, torchattack=lambda m, eps, p: torchattacks.CW(
+        m, c=float(p.get("c", 1.0)), kappa=float(p.get("kappa", 0.0)), steps=int(p.get("steps", 50)),
+        lr=float(p.get("lr", 0.01)))),
+    AttackSpec("deepfool", norm="l2", budget=False, multiclass_only=True, torchattack=lambda m, eps, p: torchattacks.DeepFool(
+        m, steps=int(p.get("steps", 50)), overshoot=float(p.get("overshoot", 0.02)))),
+    AttackSpec("jsma", budget=False, multiclass_only=True, torchattack=lambda m, eps, p: torchattacks.JSMA(
+        m, theta=float(p.get("theta", 1.0)), gamma=float(p.get("gamma", 0.1)))),
+    AttackSpec("uap", universal=True),
+):
+    register_attack(_spec)
 
 
 class Attack:
     """A configured attack: ``attack(images, target, attack_target=None) -> adversarial images``.
 
     Args:
-        name: one of :data:`ATTACKS`.
+        name: a registered attack (:data:`ATTACKS`).
         adapter: the attacked model (its adapter gives logits and loss).
         eps: perturbation budget in [0, 1] pixel units (L-inf; L2 for ``pgdl2``); ``None`` for
             attacks without one (C&W, DeepFool, JSMA).
@@ -33,40 +93,24 @@ class Attack:
     """
 
     def __init__(self, name: str, adapter: TaskAdapter, eps: float | None, params: Mapping[str, Any] | None = None) -> None:
-        if name not in ATTACKS:
-            raise ConfigError(f"attack.name must be one of {list(ATTACKS)}, got '{name}'")
-        if name in EPS_ATTACKS and (eps is None or eps <= 0 or (name != "pgdl2" and eps > 1)):
-            bound = "positive (an L2 radius in pixel units)" if name == "pgdl2" else "in (0, 1] (pixel units, e.g. 2/255)"
+        spec = ATTACKS[name]
+        if spec.budget and (eps is None or eps <= 0 or (spec.norm == "linf" and eps > 1)):
+            bound = "positive (an L2 radius in pixel units)" if spec.norm == "l2" else "in (0, 1] (pixel units, e.g. 2/255)"
             raise ConfigError(f"attack.eps for {name} must be {bound}, got {eps}")
-        if name in CLASS_LOGIT_ATTACKS and adapter.kind != "multiclass":
+        if spec.multiclass_only and adapter.kind != "multiclass":
+            bounded = sorted(n for n in ATTACKS if ATTACKS[n].budget and not ATTACKS[n].multiclass_only)
             raise ConfigError(f"attack '{name}' works on multi-class classifiers only (it is defined on class "
-                              f"logits); for a {adapter.kind} model use one of {sorted(EPS_ATTACKS)}")
-        self.name, self.adapter, self.eps = name, adapter, eps if name in EPS_ATTACKS else None
+                              f"logits); for a {adapter.kind} model use one of {bounded}")
+        self.spec, self.name, self.adapter, self.eps = spec, name, adapter, eps if spec.budget else None
         self.params = dict(params or {})
-        self.norm = "l2" if name in ("pgdl2", "cw", "deepfool") else "linf"
+        self.norm = spec.norm
         self.delta: torch.Tensor | None = None
-        self._torchattack = self._make_torchattack() if adapter.kind == "multiclass" and name != "uap" else None
-
-    def _make_torchattack(self) -> torchattacks.attack.Attack:
-        p, eps, model = self.params, self.eps, self.adapter
-        steps = int(p.get("steps", 10))
-        alpha = (eps or 0) * float(p.get("alpha", 0.25))
-        factories: dict[str, Callable[[], torchattacks.attack.Attack]] = {
-            "fgsm": lambda: torchattacks.FGSM(model, eps=eps),
-            "bim": lambda: torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps),
-            "pgd": lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
-            "pgdl2": lambda: torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
-            "cw": lambda: torchattacks.CW(model, c=float(p.get("c", 1.0)), kappa=float(p.get("kappa", 0.0)),
-                                          steps=int(p.get("steps", 50)), lr=float(p.get("lr", 0.01))),
-            "deepfool": lambda: torchattacks.DeepFool(model, steps=int(p.get("steps", 50)),
-                                                      overshoot=float(p.get("overshoot", 0.02))),
-            "jsma": lambda: torchattacks.JSMA(model, theta=float(p.get("theta", 1.0)), gamma=float(p.get("gamma", 0.1))),
-        }
-        return factories[self.name]()
+        use_torchattacks = adapter.kind == "multiclass" and spec.torchattack is not None
+        self._torchattack = spec.torchattack(adapter, self.eps, self.params) if use_torchattacks else None
 
     @property
     def needs_fit(self) -> bool:
-        return self.name == "uap"
+        return self.spec.universal
 
     def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """UAP: compute the one perturbation from (images, target) training batches."""
@@ -78,16 +122,16 @@ class Attack:
     def __call__(self, images: torch.Tensor, target: torch.Tensor, attack_target: torch.Tensor | None = None) -> torch.Tensor:
         if attack_target is not None and self.adapter.kind != "multiclass":
             raise ConfigError(f"targeted attacks need a multi-class model, not a {self.adapter.kind} one")
-        if self.name == "uap":
+        if self.spec.universal:
             if self.delta is None:
                 raise ConfigError("the UAP must be fitted on training images before it is applied")
             return (images + self.delta).clamp(0, 1)
         if self._torchattack is not None:
             return self._run_torchattack(images, target, attack_target)
-        steps = 1 if self.name == "fgsm" else int(self.params.get("steps", 10))
-        alpha = self.eps if self.name == "fgsm" else self.eps * float(self.params.get("alpha", 0.25))
+        steps = 1 if self.spec.single_step else int(self.params.get("steps", 10))
+        alpha = self.eps if self.spec.single_step else _alpha(self.eps, self.params)
         return pgd(self.adapter, self.adapter.loss, images, target, self.eps, alpha, steps, self.norm,
-                   random_start=self.name in ("pgd", "pgdl2"))
+                   random_start=self.spec.random_start)
 
     def _run_torchattack(self, images: torch.Tensor, target: torch.Tensor, attack_target: torch.Tensor | None) -> torch.Tensor:
         attack = self._torchattack
