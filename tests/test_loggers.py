@@ -41,3 +41,11 @@ def test_wandb_offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_
     images = list(offline_run.rglob("media/images/*"))
     assert bool(images) is log_images
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_training_without_a_logger(tmp_path: Path) -> None:
+    """``logger=none`` keeps the default callbacks but drops the learning-rate monitor, which Lightning
+    refuses without a logger; training and testing still write metrics.json."""
+    metrics = run_verb("train", [*ONE_EPOCH, "logger=none"], tmp_path)
+    assert 0 <= metrics["test/auroc"] <= 1 and (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "csv").exists()

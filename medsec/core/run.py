@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medsec import __version__
@@ -138,7 +138,10 @@ class Run:
         options the protections need."""
         loggers = instantiate_list(self.cfg.get("logger"))
         check_sealed_loggers(self.protections.sealer, loggers)
-        return instantiate(self.cfg.trainer, callbacks=list(callbacks if callbacks is not None else self.callbacks()),
+        callbacks = list(callbacks if callbacks is not None else self.callbacks())
+        if not loggers:  # Lightning refuses a learning-rate monitor without a logger to send it to
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        return instantiate(self.cfg.trainer, callbacks=callbacks,
                            logger=loggers, plugins=[CheckpointIO(self.protections.sealer, self.out_dir)],
                            **self.protections.trainer_options())
 
