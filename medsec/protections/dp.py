@@ -53,6 +53,8 @@ class DifferentialPrivacy(Protection):
         secure_mode: cryptographically secure noise (Opacus' ``secure_mode``; slower).
         fix_model: replace BatchNorm by GroupNorm (recorded as ``model.batch_norm=group``, so the
             checkpoint rebuilds the same network); ``false`` refuses models with BatchNorm.
+        planned_epochs: the epochs the budget covers; ``None`` = ``trainer.max_epochs``. A federation
+            sets rounds x local epochs: each round's training continues the same accountant.
     """
 
     name = "dp"
@@ -61,7 +63,7 @@ class DifferentialPrivacy(Protection):
 
     def __init__(self, epsilon: float | None = 8.0, delta: float | None = None, max_grad_norm: float = 1.0,
                  noise_multiplier: float | None = None, accountant: str = "rdp", poisson_sampling: bool = True,
-                 secure_mode: bool = False, fix_model: bool = True) -> None:
+                 secure_mode: bool = False, fix_model: bool = True, planned_epochs: int | None = None) -> None:
         if epsilon is None and noise_multiplier is None:
             raise ConfigError("protect.dp: set epsilon (a budget) or noise_multiplier (a fixed sigma)")
         if epsilon is not None and not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
@@ -72,11 +74,14 @@ class DifferentialPrivacy(Protection):
             raise ConfigError(f"protect.dp.max_grad_norm must be positive, got {max_grad_norm}")
         if noise_multiplier is not None and not noise_multiplier >= 0:
             raise ConfigError(f"protect.dp.noise_multiplier must be >= 0, got {noise_multiplier}")
+        if planned_epochs is not None and not (isinstance(planned_epochs, int) and planned_epochs >= 1):
+            raise ConfigError(f"protect.dp.planned_epochs must be a positive integer, got {planned_epochs!r}")
         if accountant not in ACCOUNTANTS:
             raise ConfigError(f"protect.dp.accountant must be one of {list(ACCOUNTANTS)}, got '{accountant}'")
         self.epsilon, self.target_delta, self.max_grad_norm = epsilon, delta, float(max_grad_norm)
         self.fixed_noise, self.accountant_name = noise_multiplier, accountant
         self.poisson_sampling, self.secure_mode, self.fix_model = poisson_sampling, secure_mode, fix_model
+        self.planned_epochs = planned_epochs
         self.accountant: IAccountant = create_accountant(accountant)
         self.noise_multiplier: float | None = None
         self.sample_rate: float | None = None
@@ -126,7 +131,7 @@ class DifferentialPrivacy(Protection):
         """Sample rate, steps and the noise that spends the budget over the planned epochs."""
         if batch_size > examples:
             raise ConfigError(f"protect=[dp]: data.batch_size={batch_size} exceeds the {examples} training examples")
-        epochs = trainer.max_epochs
+        epochs = self.planned_epochs or trainer.max_epochs
         if epochs is None or epochs < 1:
             raise ConfigError("protect=[dp] calibrates its noise over trainer.max_epochs, which must be set")
         self.sample_rate = batch_size / examples

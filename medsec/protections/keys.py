@@ -135,21 +135,22 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXE
 (whose open would otherwise wait for a writer)."""
 
 
-def read_key_file(path: str | Path, field: str = "crypto.key") -> SecretKey:
-    """Read a key file. It is opened once (a symlink is refused) and checked on the open
-    descriptor, so what is checked is what is read: a regular file, owned by the current user,
-    that group and others can neither read nor write (mode 600 or 400)."""
+def read_private_file(path: str | Path, field: str, what: str = "key file", max_bytes: int = MAX_KEY_FILE_BYTES,
+                      hint: str = "(create one with `medsec encrypt action=keygen`)") -> bytes:
+    """The bytes of a secret file (a key file, a CKKS site context). It is opened once (a symlink is
+    refused) and checked on the open descriptor, so what is checked is what is read: a regular file,
+    owned by the current user, that group and others can neither read nor write (mode 600 or 400),
+    at most ``max_bytes`` long. Errors name ``field`` (e.g. ``crypto.key.file``) and ``what`` it is."""
     path = Path(path).expanduser()
-    name = f"{field}.file: key file {path}"
+    name = f"{field}: {what} {path}"
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
-        raise ConfigError(f"{field}.file: key file not found: {path} "
-                          "(create one with `medsec encrypt action=keygen`)") from None
+        raise ConfigError(f"{field}: {what} not found: {path} {hint}") from None
     except OSError as err:
         if err.errno in (errno.ELOOP, getattr(errno, "EMLINK", -1)):  # O_NOFOLLOW met a symlink
-            raise ConfigError(f"{name} is a symbolic link; refusing to follow it (set {field}.file to the "
-                              "key file itself)") from None
+            raise ConfigError(f"{name} is a symbolic link; refusing to follow it (set {field} to the "
+                              f"{what} itself)") from None
         raise ConfigError(f"{name} cannot be opened ({err.strerror})") from None
     try:
         info = os.fstat(fd)
@@ -157,34 +158,47 @@ def read_key_file(path: str | Path, field: str = "crypto.key") -> SecretKey:
             raise ConfigError(f"{name} is not a regular file")
         mode = stat.S_IMODE(info.st_mode)
         if os.name == "posix" and mode & 0o077:
-            raise ConfigError(f"{field}.file: {path} is accessible to group/others (mode {mode:04o}); "
+            raise ConfigError(f"{field}: {path} is accessible to group/others (mode {mode:04o}); "
                               f"run `chmod 600 {path}`")
         if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
-            raise ConfigError(f"{field}.file: {path} is owned by uid {info.st_uid}, not by the current user "
-                              f"(uid {os.geteuid()}); a key file must belong to the user who reads it")
-        if info.st_size > MAX_KEY_FILE_BYTES:
-            raise ConfigError(f"{field}.file: {path} is too large to be a key file ({info.st_size} bytes)")
+            raise ConfigError(f"{field}: {path} is owned by uid {info.st_uid}, not by the current user "
+                              f"(uid {os.geteuid()}); a {what} must belong to the user who reads it")
+        if info.st_size > max_bytes:
+            raise ConfigError(f"{field}: {path} is too large to be a {what} ({info.st_size} bytes)")
         data = b""
-        while chunk := os.read(fd, MAX_KEY_FILE_BYTES + 1 - len(data)):
+        while chunk := os.read(fd, max_bytes + 1 - len(data)):
             data += chunk
-            if len(data) > MAX_KEY_FILE_BYTES:
-                raise ConfigError(f"{field}.file: {path} is too large to be a key file")
+            if len(data) > max_bytes:
+                raise ConfigError(f"{field}: {path} is too large to be a {what}")
     finally:
         os.close(fd)
+    return data
+
+
+def read_key_file(path: str | Path, field: str = "crypto.key") -> SecretKey:
+    """Read a key file (:func:`read_private_file`: mode 600/400, owned by the reader, no symlink)."""
+    path = Path(path).expanduser()
+    data = read_private_file(path, f"{field}.file")
     return parse_key_text(data, f"key file {path}")
 
 
-def write_key_file(path: str | Path, key: SecretKey) -> Path:
-    """Write ``key`` as hex to a new file readable by its owner only; never overwrites."""
+def write_private_file(path: str | Path, data: bytes, what: str) -> Path:
+    """Write ``data`` to a new file readable by its owner only (mode 600, parent folder 700);
+    never overwrites (``what`` names the file in the error: "key file", "site context")."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise ConfigError(f"key file {path} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.export_hex() + "\n")
+        raise ConfigError(f"{what} {path} already exists; refusing to overwrite a secret") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     return path
+
+
+def write_key_file(path: str | Path, key: SecretKey) -> Path:
+    """Write ``key`` as hex to a new file readable by its owner only; never overwrites."""
+    return write_private_file(path, (key.export_hex() + "\n").encode(), "key file")
 
 
 def new_kdf_params() -> dict[str, Any]:
