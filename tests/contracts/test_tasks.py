@@ -40,6 +40,8 @@ RECIPES: dict[str, list[str]] = {
     "encipher_gan": ["experiment=encipher_gan_synthetic", *TINY_GAN],
 }
 ATTACK_KIND = {"classification": "multiclass", "segmentation": "segmentation"}
+PER_SAMPLE_LOSS = ("classification", "segmentation")
+"""Tasks with a per-sample loss (DP-SGD, membership audits); the others must say they have none."""
 """What attacks see of each attackable task; every other task must refuse attacks."""
 OUTPUTS = {
     "classification": lambda names: names == ["plots/roc_curves.png", "plots/confusion_matrix.png", "predictions.csv"],
@@ -123,6 +125,20 @@ def test_task_contract(target: str, tmp_path: Path) -> None:
         for attempt in (task.attack_objective, lambda: adapter_for(task)):
             with pytest.raises(ConfigError, match=f"^{type(task).__name__} cannot be attacked: "):
                 attempt()
+
+    # a per-sample loss (DP-SGD, membership audits): one value per sample, each its sample's alone
+    if name in PER_SAMPLE_LOSS:
+        assert type(task).has_sample_loss()
+        images, targets = batch["image"][:3], batch["label"][:3]
+        with torch.no_grad():
+            outputs = task(images)
+            losses = task.sample_loss(outputs, targets)
+            alone = torch.stack([task.sample_loss(outputs[i:i + 1], targets[i:i + 1])[0] for i in range(3)])
+        assert losses.shape == (3,) and torch.allclose(losses, alone, atol=1e-6)
+    else:
+        assert not type(task).has_sample_loss()
+        with pytest.raises(ConfigError, match=f"^{type(task).__name__} declares no per-sample loss"):
+            task.sample_loss(torch.zeros(1), torch.zeros(1))
 
     # test outputs only through the writer
     sink = tmp_path / "outputs"
