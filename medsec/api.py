@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "eval": "medsec.commands.evaluate:evaluate",
     "attack": "medsec.commands.attack:attack",
     "audit": "medsec.commands.audit:audit",
+    "federate": "medsec.commands.federate:federate",
     "encrypt": "medsec.commands.encrypt:encrypt",
     "he": "medsec.commands.he:homomorphic",
     "report": "medsec.commands.report:report",

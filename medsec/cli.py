@@ -10,6 +10,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("medsec.commands.evaluate", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
     "attack": ("medsec.commands.attack", "attack a checkpoint and measure robustness: attack ckpt_path=PATH attack=pgd"),
     "audit": ("medsec.commands.audit", "membership inference audit and empirical DP epsilon of a checkpoint: audit ckpt_path=PATH"),
+    "federate": ("medsec.commands.federate", "federated training across sites with Flower: federate federation.num_sites=3 federation.strategy=fedavg"),
     "encrypt": ("medsec.commands.encrypt", "encrypted record stores and keys: encrypt [action=store|rotate|verify|keygen|decrypt]"),
     "he": ("medsec.commands.he", "homomorphic (CKKS) inference on a checkpoint's test split: he ckpt_path=PATH [mode=latency] [--remote URL]"),
     "serve": ("medsec.commands.serve", "HTTP service classifying CKKS ciphertexts: serve ckpt_path=PATH [port=8000]"),

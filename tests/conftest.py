@@ -15,6 +15,7 @@ from medsec import api
 from medsec.utils.config import REPO_ROOT
 
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower: no usage reports from tests
 # One intra-op thread (unless OMP_NUM_THREADS says otherwise), here and in the CLI subprocesses and
 # notebook kernels that inherit the environment: the test models are tiny, and on a machine whose
 # cores are busy with other jobs torch's thread pool waits on descheduled threads (measured: the

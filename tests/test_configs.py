@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flwr.common import ndarrays_to_parameters
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,9 @@ from medsec.api import COMMANDS
 from medsec.core.contracts import Protections
 from medsec.core.run import Run
 from medsec.data.datamodule import build_datamodule
+from medsec.federated.federation import check
+from medsec.federated.server import STRATEGIES, base_strategy, build_strategy
+from medsec.federated.sites import num_sites
 from medsec.protections import SecretKey
 from medsec.protections.keys import write_key_file
 from medsec.utils.config import CONFIG_DIR, compose_config, default_data_dir
@@ -219,6 +223,13 @@ def build_cipher(option: str, tmp_path: Path, request: pytest.FixtureRequest, **
     assert opened.shape == images.shape and cipher.lossless == np.array_equal(opened, images)
 
 
+def build_federation(option: str, tmp_path: Path, **_: Any) -> None:
+    cfg = compose("federate", [f"federation={option}", *SMALL], tmp_path)
+    check(cfg)
+    strategy = build_strategy(cfg.federation, num_sites(cfg), ndarrays_to_parameters([np.zeros(2, np.float32)]))
+    assert type(base_strategy(strategy)) is STRATEGIES[cfg.federation.strategy]
+
+
 def build_sweeper(option: str, tmp_path: Path, **_: Any) -> None:
     cfg = compose("train", [f"hparams_search={option}", *SMALL], tmp_path)
     sweeper = cfg.hydra.sweeper
@@ -237,6 +248,7 @@ BUILDERS: dict[str, Callable[..., None]] = {
     "protect": build_protection("protect"), "crypto": build_protection("crypto"),
     "defense": build_protection("defense"),
     "attack": build_attack_option, "cipher": build_cipher, "hparams_search": build_sweeper,
+    "federation": build_federation,
 }
 
 

@@ -42,6 +42,7 @@ _REGISTRY: dict[str, set[str]] = {
         "medsec.data.sources.folder.FolderSource",
         "medsec.data.sources.decathlon.DecathlonSource",
         "medsec.data.sources.decathlon_slices.DecathlonSlicesSource",
+        "medsec.data.sources.partition.PartitionSource",
     },
     "optimizer": {"torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.RMSprop"},
     "scheduler": {

@@ -62,6 +62,7 @@ def test_epsilon_and_noise_equal_opacus_for_the_same_schedule(dp_run: Path) -> N
     assert history.get_epsilon(1 / 192) == pytest.approx(metrics["dp/epsilon"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_prv_accountant_matches_opacus(tmp_path: Path) -> None:
     metrics = run_verb("train", [*DP_TINY, "trainer.max_epochs=2", "protect.dp.epsilon=5",
                                  "protect.dp.accountant=prv", "protect.dp.delta=1e-3"], tmp_path)
@@ -157,6 +158,7 @@ def test_networks_become_dp_compatible(name: str) -> None:
         torch.testing.assert_close(p.grad, expected, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_segmentation_trains_with_dp(tmp_path: Path) -> None:
     metrics = run_verb("train", [*RECIPES["segmentation"], "data.num_workers=0", "protect=[dp]", "trainer.max_epochs=2",
                                  "protect.dp.epsilon=8", "callbacks.rich_progress_bar=null"], tmp_path)

@@ -150,8 +150,8 @@ class ChestXray14Source(DataSource):
                 f"{self.root / self.image_dir} (and images_*/images), e.g. {', '.join(missing[:MAX_LISTED])}"
             )
         records = [
-            {"image": str(paths[name]), "label": target, "id": name}
-            for name, target in zip(frame[IMAGE], targets)
+            {"image": str(paths[name]), "label": target, "id": name, "patient": str(patient)}
+            for name, target, patient in zip(frame[IMAGE], targets, frame[PATIENT])
         ]
         lists = self._official_lists()
         splits = {s: [records[i] for i in idx] for s, idx in self._split(frame, lists).items()}

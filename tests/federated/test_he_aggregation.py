@@ -1,0 +1,296 @@
+"""CKKS-encrypted aggregation without Ray: ``ckks_mod`` and ``CKKSAggregation`` called directly with
+hand-made Flower messages and fit results, three sites holding a small CNN's state dict."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+from flwr.app import Context, Message, MessageType, Metadata, RecordDict
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.strategy import FedAvg, FedMedian
+from flwr.server.strategy.aggregate import aggregate
+
+from medsec.errors import ConfigError, DataError, SecurityError
+from medsec.federated.he_aggregation import (
+    CKKS_TENSOR_TYPE,
+    CKKSAggregation,
+    ckks_mod,
+    decrypt_parameters,
+    encrypt_parameters,
+    load_site_context,
+    make_site_context,
+    public_context,
+)
+from medsec.he.wire import SecretKeyRefused
+from medsec.models import small_cnn
+
+EXAMPLES = (120, 75, 301)
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+EXPANSION = (8.0, 20.0)
+"""Accepted ciphertext / float32 bytes of full 4096-value chunks (measured: 14.3)."""
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def _instruction(kind: str, parameters: Parameters) -> Message:
+    ins = FitIns(parameters, {}) if kind == MessageType.TRAIN else EvaluateIns(parameters, {})
+    content = (compat.fitins_to_recorddict(ins, keep_input=True) if kind == MessageType.TRAIN
+               else compat.evaluateins_to_recorddict(ins, keep_input=True))
+    metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
+                        created_at=time.time(), ttl=3600.0, message_type=kind)
+    return Message(content=content, metadata=metadata)  # no TaskIdentity outside a Flower runtime
+
+
+def _client(trained: list[np.ndarray], examples: int, seen: list) -> Callable[[Message, Context], Message]:
+    """A ClientApp that records the parameters it is given and answers with ``trained``."""
+    def call_next(msg: Message, ctxt: Context) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            seen.append(parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, True).parameters))
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(trained), examples, {})
+            return Message(compat.fitres_to_recorddict(res, True), reply_to=msg)
+        seen.append(parameters_to_ndarrays(compat.recorddict_to_evaluateins(msg.content, True).parameters))
+        return Message(compat.evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), 0.5, examples, {})),
+                       reply_to=msg)
+    return call_next
+
+
+def _site_arrays(site: int) -> list[np.ndarray]:
+    """small_cnn(2, 1, 2, 8)'s state dict as one site trained it: the weights moved, BatchNorm's
+    ``num_batches_tracked`` (int64) counted."""
+    torch.manual_seed(0)
+    arrays = [value.numpy().copy() for value in small_cnn(2, 1, 2, 8).state_dict().values()]
+    rng = np.random.default_rng(site)
+    return [a + rng.normal(0, 0.1, a.shape).astype(a.dtype) if a.dtype.kind == "f" else a + 7 * site + 3
+            for a in arrays]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The key ceremony: the sites' context file (secret key) and the server's public bytes."""
+    path = tmp_path_factory.mktemp("ckks") / "site.ctx"
+    site = make_site_context(path)
+    return {"path": path, "site": site, "public": public_context(site)}
+
+
+@pytest.fixture(scope="module")
+def federated_round(keys: dict) -> dict:
+    """One round: three sites' ckks_mod encrypt their replies, the server adds them, and round 2's
+    train message is decrypted by site 0's mod."""
+    initial = _site_arrays(0)
+    mod = ckks_mod(keys["site"])
+    replies, seen = [], []
+    for index, (site, examples) in enumerate(zip(SITES, EXAMPLES)):
+        out = mod(_instruction(MessageType.TRAIN, ndarrays_to_parameters(initial)), _context(),
+                  _client(_site_arrays(index + 1), examples, seen))
+        replies.append((SimpleNamespace(cid=site), compat.recorddict_to_fitres(out.content, True)))
+    server = CKKSAggregation(FedAvg(), keys["public"])
+    aggregated, _ = server.aggregate_fit(1, replies, [])
+    received: list = []
+    mod(_instruction(MessageType.TRAIN, aggregated), _context(), _client(initial, 1, received))
+    plain = aggregate([(_site_arrays(i + 1), n) for i, n in enumerate(EXAMPLES)])
+    return {"initial": initial, "first_seen": seen, "replies": replies, "server": server, "aggregated": aggregated,
+            "received": received[0], "plain": plain, "mod": mod}
+
+
+def _compare(decrypted: list[np.ndarray], plain: list[np.ndarray]) -> float:
+    """Largest |decrypted - plain| over the float arrays (integer arrays must equal plain rounded)."""
+    worst = 0.0
+    for got, want in zip(decrypted, plain):
+        assert got.shape == want.shape
+        if got.dtype.kind == "i":
+            assert np.array_equal(got, np.rint(want).astype(got.dtype))
+        else:
+            worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()))
+    return worst
+
+
+def test_encrypted_aggregate_equals_plain_fedavg(keys: dict, federated_round: dict) -> None:
+    round_ = federated_round
+    assert all(np.array_equal(a, b) for a, b in zip(round_["first_seen"][0], round_["initial"]))  # round 1: plain
+    for (_, res), examples in zip(round_["replies"], EXAMPLES):
+        assert res.parameters.tensor_type == CKKS_TENSOR_TYPE and res.num_examples == examples
+        assert json.loads(res.parameters.tensors[0])["examples"] == examples
+    header = json.loads(round_["aggregated"].tensors[0])
+    assert header["examples"] == sum(EXAMPLES)
+    error = _compare(round_["received"], round_["plain"])
+    weighted = sum(n * np.concatenate([a.astype(np.float64).ravel() for a in _site_arrays(i + 1)])
+                   for i, n in enumerate(EXAMPLES))  # sum n_i w_i in float64, before the sites divide
+    raw = np.concatenate([ts.ckks_vector_from(keys["site"], blob).decrypt() for blob in round_["aggregated"].tensors[1:]])
+    relative = float(np.abs(raw - weighted).max() / np.abs(weighted).max())
+    print(f"\nCKKS aggregate vs plain FedAvg (float32): max abs error {error:.2e} over {weighted.size} values; "
+          f"encrypted sum vs float64: max relative error {relative:.2e}")
+    assert error < 1e-4 and relative < 1e-6
+    assert [a.dtype for a in round_["received"]] == [a.dtype for a in round_["initial"]]
+    assert _compare(decrypt_parameters(round_["aggregated"], round_["mod"].context), round_["plain"]) < 1e-4
+
+
+def test_evaluate_message_is_decrypted_for_the_site(federated_round: dict) -> None:
+    seen: list = []
+    out = federated_round["mod"](_instruction(MessageType.EVALUATE, federated_round["aggregated"]), _context(),
+                                 _client(federated_round["initial"], 9, seen))
+    assert _compare(seen[0], federated_round["plain"]) < 1e-4
+    assert compat.recorddict_to_evaluateres(out.content).num_examples == 9
+
+
+def test_server_holds_no_secret_key_and_cannot_decrypt(keys: dict, federated_round: dict) -> None:
+    server, aggregated = federated_round["server"], federated_round["aggregated"]
+    assert not server.context.is_private() and not server.context.has_secret_key()
+    with pytest.raises(ValueError, match="secret"):
+        ts.ckks_vector_from(server.context, aggregated.tensors[1]).decrypt()
+    with pytest.raises(SecurityError, match="no secret key"):
+        decrypt_parameters(aggregated, server.context)
+    with pytest.raises(SecurityError, match="no secret key"):
+        ckks_mod(server.context)
+    assert server.evaluate(1, aggregated) is None
+
+
+def test_server_refuses_a_secret_key_and_non_fedavg_strategies(keys: dict) -> None:
+    with pytest.raises(SecretKeyRefused):
+        CKKSAggregation(FedAvg(), keys["site"].serialize(save_secret_key=True))
+    with pytest.raises(ConfigError, match="centralised evaluation"):
+        CKKSAggregation(FedAvg(evaluate_fn=lambda rnd, arrays, config: None), keys["public"])
+    with pytest.raises(ConfigError, match="FedMedian"):
+        CKKSAggregation(FedMedian(), keys["public"])
+
+
+def _replace_chunk(keys: dict, parameters: Parameters) -> list[bytes]:
+    """Chunk 1 encrypted at scale 2^30 instead of the context's 2^40."""
+    values = np.ones(4096).tolist()
+    return [parameters.tensors[0], ts.ckks_vector(keys["site"], values, scale=2.0 ** 30).serialize(),
+            *parameters.tensors[2:]]
+
+
+def _inflating(keys: dict, parameters: Parameters) -> list[bytes]:
+    """Chunk 1 replaced by a CKKS vector proto whose SEAL ciphertext is 10 MB of zlib-compressed zeros."""
+    body = zlib.compress(bytes(10_000_000))
+    seal = struct.pack("<2sBBBBHQ", b"\x5e\xa1", 16, 4, 0, 1, 0, 16 + len(body)) + body  # SEAL header, zlib
+    length, varint = len(seal), b""
+    while length >= 0x80:
+        varint, length = varint + bytes([length & 0x7F | 0x80]), length >> 7
+    return [parameters.tensors[0], b"\x12" + varint + bytes([length]) + seal, *parameters.tensors[2:]]
+
+
+def _header(parameters: Parameters, **change: object) -> list[bytes]:
+    header = {**json.loads(parameters.tensors[0]), **change}
+    return [json.dumps(header).encode(), *parameters.tensors[1:]]
+
+
+MALFORMED: dict[str, tuple[Callable[[dict, Parameters], list[bytes]], str]] = {
+    "truncated": (lambda k, p: [p.tensors[0], p.tensors[1][: len(p.tensors[1]) // 2], *p.tensors[2:]],
+                  r"parameters\[1\]: not a serialized TenSEAL CKKS vector"),
+    "garbage": (lambda k, p: [p.tensors[0], os.urandom(5000), *p.tensors[2:]], r"parameters\[1\]: not a"),
+    "oversized": (lambda k, p: [p.tensors[0], p.tensors[1] + bytes(300_000), *p.tensors[2:]],
+                  r"parameters\[1\]: \d+ bytes, more than"),
+    "inflating": (_inflating, r"parameters\[1\]: its ciphertext inflates to more than \d+ bytes"),
+    "chunk missing": (lambda k, p: p.tensors[:-1], r"ciphertext chunks, the header's"),
+    "chunk count": (lambda k, p: [*p.tensors, p.tensors[1]], r"ciphertext chunks, the header's"),
+    "scale": (_replace_chunk, r"parameters\[1\]: scale 2\^30, the context's is 2\^40"),
+    "other parameters": (lambda k, p: [p.tensors[0], ts.ckks_vector(
+        _other_context(), np.ones(2048).tolist()).serialize(), *p.tensors[2:]], r"not a CKKS vector for this context"),
+    "header json": (lambda k, p: [b"\xff{", *p.tensors[1:]], r"parameters\[0\]: not a medsec CKKS header"),
+    "header dtype": (lambda k, p: _header(p, arrays=[{"shape": [2], "dtype": "object"}]), r"dtype must be one of"),
+    "header too big": (lambda k, p: _header(p, arrays=[{"shape": [2**20, 2**20], "dtype": "float32"}]),
+                       r"more than \d+ values"),
+    "header examples": (lambda k, p: _header(p, examples=True), r"examples must be an integer"),
+    "examples mismatch": (lambda k, p: _header(p, examples=74), r"header says 74 examples, num_examples is 75"),
+    "plain": (lambda k, p: None, r"plain parameters"),
+}
+
+
+def _other_context() -> ts.Context:
+    context = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40])
+    context.global_scale = 2.0 ** 20
+    return context
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_ciphertexts_are_refused_naming_the_site(keys: dict, federated_round: dict, case: str) -> None:
+    change, message = MALFORMED[case]
+    replies = list(federated_round["replies"])
+    res = replies[1][1]
+    tensors = change(keys, res.parameters)
+    parameters = (ndarrays_to_parameters(_site_arrays(2)) if tensors is None
+                  else Parameters(tensors=tensors, tensor_type=CKKS_TENSOR_TYPE))
+    replies[1] = (replies[1][0], FitRes(res.status, parameters, res.num_examples, res.metrics))
+    with pytest.raises(DataError, match="site hospital-b") as caught:
+        federated_round["server"].aggregate_fit(1, replies, [])
+    assert caught.match(message)
+
+
+def test_a_site_refuses_values_that_cannot_add_up(keys: dict) -> None:
+    with pytest.raises(DataError, match="finite"):
+        encrypt_parameters([np.array([1.0, np.nan], dtype=np.float32)], 3, keys["site"])
+    with pytest.raises(DataError, match="below 2\\^40"):
+        encrypt_parameters([np.array([1e10])], 1000, keys["site"])
+    with pytest.raises(DataError, match="examples must be an integer from 1"):
+        encrypt_parameters([np.zeros(3)], 0, keys["site"])
+
+
+def test_bytes_per_update(keys: dict, federated_round: dict) -> None:
+    """Ciphertext bytes over the same values as float32: full chunks and the small CNN."""
+    values = np.random.default_rng(0).normal(0, 0.1, 4 * 4096).astype(np.float32)
+    full = encrypt_parameters([values], 100, keys["site"])
+    full_ratio = sum(len(t) for t in full.tensors[1:]) / values.nbytes
+    cnn = federated_round["replies"][0][1].parameters
+    plain_bytes = sum(a.size for a in federated_round["initial"]) * 4
+    cnn_bytes = sum(len(t) for t in cnn.tensors)
+    print(f"\nexpansion: {full_ratio:.1f}x per full chunk ({len(full.tensors[1])} bytes per 4096 values); "
+          f"small_cnn(2,1,2,8): {cnn_bytes} bytes in {len(cnn.tensors) - 1} chunks for {plain_bytes} bytes of "
+          f"float32 ({cnn_bytes / plain_bytes:.1f}x)")
+    assert EXPANSION[0] < full_ratio < EXPANSION[1]
+    assert full_ratio <= cnn_bytes / plain_bytes < 2 * EXPANSION[1]
+
+
+def test_site_context_file_is_private_and_not_overwritten(keys: dict, tmp_path: Path) -> None:
+    path = keys["path"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = load_site_context(path)
+    assert loaded.is_private() and loaded.global_scale == 2.0 ** 40
+    with pytest.raises(ConfigError, match="already exists"):
+        make_site_context(path)
+    public = tmp_path / "public.ctx"
+    public.write_bytes(keys["public"])
+    public.chmod(0o600)
+    with pytest.raises(SecurityError, match="no secret key"):
+        load_site_context(public)
+    public.chmod(0o644)
+    with pytest.raises(ConfigError, match="group/others"):
+        load_site_context(public)
+    link = tmp_path / "link.ctx"
+    link.symlink_to(path)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        load_site_context(link)
+
+
+def test_mod_from_a_path_loads_lazily_and_pickles_without_the_key(keys: dict, federated_round: dict) -> None:
+    mod = ckks_mod(keys["path"])
+    seen: list = []
+    mod(_instruction(MessageType.TRAIN, federated_round["aggregated"]), _context(), _client([], 1, seen))
+    assert _compare(seen[0], federated_round["plain"]) < 1e-4
+    state = pickle.dumps(mod)
+    assert len(state) < 1000  # the path, not the context (megabytes)
+    assert pickle.loads(state).context.is_private()
