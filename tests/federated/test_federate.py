@@ -156,6 +156,7 @@ def test_resuming_from_a_round_checkpoint_continues_at_the_next_round(fed_run: P
                           weights(fed_run / "checkpoints" / "round_002.ckpt")) < 1e-5
 
 
+@pytest.mark.slow
 def test_one_site_with_all_the_data_is_centralised_training(tmp_path: Path) -> None:
     """FedAvg over one site holding every record, one round of 3 local epochs = 3 epochs of
     centralised training from the same initial weights and the same seed (CPU, one thread)."""
@@ -173,6 +174,7 @@ def test_one_site_with_all_the_data_is_centralised_training(tmp_path: Path) -> N
 
 
 # ---- hostile sites --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_malformed_updates_are_refused_and_named_and_the_round_goes_on(tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     hostile = ("[{site:1,kind:non_finite},{site:2,kind:wrong_shape},{site:3,kind:wrong_round},{site:4,kind:crash},"

@@ -82,6 +82,7 @@ def test_checkpoint_of_a_dp_run_is_rebuilt_with_group_norm(dp_run: Path, tmp_pat
     assert first["test/auroc"] == again["test/auroc"] and 0 <= first["test/auroc"] <= 1
 
 
+@pytest.mark.slow
 def test_training_stops_at_its_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A fixed sigma spends epsilon faster than planned: training stops before the step that would
     pass the budget, however many epochs were asked for (min_epochs included)."""
