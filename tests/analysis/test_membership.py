@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import beta
 
-from medsec.analysis.privacy import (
+from medsec.analysis.privacy.membership import (
     dp_tpr_bound,
     empirical_epsilon,
     lira_scores,

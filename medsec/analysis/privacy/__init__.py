@@ -1,15 +1,3 @@
-"""Privacy audits: membership inference against a trained model, and the differential-privacy
-epsilon its success proves."""
-from medsec.analysis.privacy.membership import (
-    EpsilonBound,
-    dp_tpr_bound,
-    empirical_epsilon,
-    lira_scores,
-    logit_confidence,
-    loss_threshold_scores,
-    roc,
-    tpr_at_fpr,
-)
-
-__all__ = ["EpsilonBound", "dp_tpr_bound", "empirical_epsilon", "lira_scores", "logit_confidence",
-           "loss_threshold_scores", "roc", "tpr_at_fpr"]
+"""Privacy audits: membership inference against a trained model (:mod:`.membership`: scores, ROC
+summaries, the differential-privacy epsilon an attack's success proves) and the shadow models LiRA
+compares with (:mod:`.shadows`)."""
