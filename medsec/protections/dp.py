@@ -198,16 +198,19 @@ class PrivacyBudget(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._check_each_step and self.dp.spent(1) > self.dp.epsilon:
+        if not self._check_each_step:
+            return
+        projected = self.dp.spent(1)
+        if projected > self.dp.epsilon:
             log.warning("privacy budget: one more step would spend epsilon %.3f > %.3f; training stops after "
-                        "%d steps (epsilon %.3f)", self.dp.spent(1), self.dp.epsilon, trainer.global_step,
+                        "%d steps (epsilon %.3f)", projected, self.dp.epsilon, trainer.global_step,
                         self.dp.spent())
             trainer.fit_loop.min_epochs = trainer.fit_loop.epoch_loop.min_steps = 0  # the budget outranks min_epochs
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dp = self.dp
-        pl_module.log("train/epsilon", dp.spent(), prog_bar=True)
-        pl_module.log_dict({"dp/epsilon": dp.spent(), "dp/delta": dp.delta, "dp/noise_multiplier": dp.noise_multiplier,
+        dp, spent = self.dp, self.dp.spent()
+        pl_module.log("train/epsilon", spent, prog_bar=True)
+        pl_module.log_dict({"dp/epsilon": spent, "dp/delta": dp.delta, "dp/noise_multiplier": dp.noise_multiplier,
                             "dp/max_grad_norm": dp.max_grad_norm, "dp/sample_rate": dp.sample_rate,
                             "dp/steps": float(sum(steps for _, _, steps in dp.accountant.history))})
