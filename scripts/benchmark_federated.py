@@ -9,7 +9,7 @@ time (``federation.backend=inprocess``): deterministic, no Ray start-up.
 
     python scripts/benchmark_federated.py                 # about 12-14 minutes on 2 CPU cores (extrapolated)
     python scripts/benchmark_federated.py --quick --output /tmp/B.md   # about 2-3 minutes
-    python scripts/benchmark_federated.py --hippocampus --resnet18-ckks   # adds rows; not timed here
+    python scripts/benchmark_federated.py --hippocampus --resnet18-ckks   # the full section
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from medsec.utils.benchmarks import (
 
 SECTION = "federated"
 DATA = ["data=medmnist", "data.source.flag=pneumoniamnist", "data.num_workers=0", "data.augment=false",
-        "data.batch_size=128", "model=small_cnn", "model.batch_norm=group", "task.scheduler=null", "seed=42"]
+        "data.batch_size=32", "model=small_cnn", "model.batch_norm=group", "task.scheduler=null"]
+SEED = 42
 TRAIN_ONLY = ["callbacks.rich_progress_bar=null", "callbacks.model_summary=null"]
 FED = ["federation.backend=inprocess"]
 QUICK = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
@@ -53,44 +54,61 @@ REFERENCES = [
 
 
 def federate(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """``medsec federate OVERRIDES`` in this process; test metrics, wall minutes, per-round cost."""
+    """``medsec federate OVERRIDES`` in this process: test metrics of the round the validation AUROC
+    picks (the rule ``medsec train`` picks its checkpoint by), wall minutes, per-round cost."""
     start = time.perf_counter()
     summary = api.run("federate", overrides, out)
     wall = time.perf_counter() - start
     with open(out / "rounds.csv", newline="") as handle:
         rounds = [r for r in csv.DictReader(handle) if int(r["round"]) > 0]  # round 0: the initial model
-    final = summary.get("final") or {}
-    row = {"name": name, "command": command("federate", overrides), "final": final, "minutes": wall / 60,
-           "auroc": final.get("test/auroc"), "acc": final.get("test/acc"),
+    chosen = summary.get("best") or summary.get("final") or {}
+    row = {"name": name, "command": command("federate", overrides), "chosen": chosen, "minutes": wall / 60,
+           "auroc": chosen.get("test/auroc"), "acc": chosen.get("test/acc"),
            "round_s": statistics.median(float(r["seconds"]) for r in rounds),
            "bytes": statistics.median(int(r["bytes_sent"]) + int(r["bytes_received"]) for r in rounds)}
-    print(f"[federated] {name}: auroc={fmt(row['auroc'])} round={row['round_s']:.2f} s "
+    print(f"[federated] {name}: auroc={fmt(row['auroc'])} (round {chosen.get('round')}) round={row['round_s']:.2f} s "
           f"bytes={row['bytes']:.0f} in {row['minutes']:.1f} min", flush=True)
     return row
 
 
-def centralised(args: Any, work: Path) -> dict[str, Any]:
+def centralised(args: Any, work: Path, seed: int) -> dict[str, Any]:
     """``medsec train`` on all the data for rounds x local epochs."""
-    overrides = [*DATA, *TRAIN_ONLY, f"trainer.max_epochs={args.rounds * args.local_epochs}", "logger=none",
-                 *(QUICK if args.quick else [])]
-    metrics, _, wall = timed_train(overrides, work / "centralised")
-    print(f"[federated] centralised: auroc={fmt(metrics.get('test/auroc'))} in {wall / 60:.1f} min", flush=True)
+    overrides = [*DATA, f"seed={seed}", *TRAIN_ONLY, f"trainer.max_epochs={args.rounds * args.local_epochs}",
+                 "logger=none", *(QUICK if args.quick else [])]
+    metrics, _, wall = timed_train(overrides, work / f"centralised_{seed}")
+    print(f"[federated] centralised, seed {seed}: auroc={fmt(metrics.get('test/auroc'))} in {wall / 60:.1f} min",
+          flush=True)
     return {"name": "centralised", "command": command("train", overrides), "auroc": metrics.get("test/auroc"),
             "acc": metrics.get("test/acc"), "minutes": wall / 60}
 
 
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from runs that differ in their seed only: means, and the AUROC's spread."""
+    aurocs = [r["auroc"] for r in runs if r["auroc"] is not None]
+    accs = [r["acc"] for r in runs if r["acc"] is not None]
+    return {**runs[0], "seeds": len(runs), "auroc": statistics.mean(aurocs) if aurocs else None,
+            "auroc_sd": statistics.stdev(aurocs) if len(aurocs) > 1 else None,
+            "acc": statistics.mean(accs) if accs else None, "minutes": statistics.mean(r["minutes"] for r in runs)}
+
+
 def accuracy_rows(args: Any, work: Path) -> list[dict[str, Any]]:
-    """Centralised, then IID / Dirichlet x FedAvg / FedProx over ``args.sites`` sites."""
-    rows = [centralised(args, work)]
+    """Centralised and IID FedAvg over ``args.seeds`` seeds; IID FedProx and Dirichlet FedAvg /
+    FedProx with the first seed; ``args.sites`` sites."""
+    seeds = [SEED + i for i in range(args.seeds)]
+    rows = [over_seeds([centralised(args, work, seed) for seed in seeds])]
     for partition in ("iid", "dirichlet"):
         for strategy in ("fedavg", "fedprox"):
-            overrides = [*DATA, *FED, f"federation.num_sites={args.sites}", f"federation.rounds={args.rounds}",
-                         f"federation.local_epochs={args.local_epochs}", f"federation.partition={partition}",
-                         f"federation.alpha={args.alpha}", f"federation.strategy={strategy}",
-                         f"federation.proximal_mu={args.mu}", *(QUICK if args.quick else [])]
-            label = "IID" if partition == "iid" else f"Dirichlet {args.alpha:g}"
-            rows.append(federate(f"{label}, {'FedAvg' if strategy == 'fedavg' else 'FedProx'}", overrides,
-                                 work / f"{partition}_{strategy}"))
+            label = f"{'IID' if partition == 'iid' else f'Dirichlet {args.alpha:g}'}, " \
+                    f"{'FedAvg' if strategy == 'fedavg' else 'FedProx'}"
+            runs = []
+            for seed in seeds if (partition, strategy) == ("iid", "fedavg") else seeds[:1]:
+                overrides = [*DATA, f"seed={seed}", *FED, f"federation.num_sites={args.sites}",
+                             f"federation.rounds={args.rounds}", f"federation.local_epochs={args.local_epochs}",
+                             f"federation.partition={partition}", f"federation.alpha={args.alpha}",
+                             f"federation.strategy={strategy}", f"federation.proximal_mu={args.mu}",
+                             *(QUICK if args.quick else [])]
+                runs.append(federate(label, overrides, work / f"{partition}_{strategy}_{seed}"))
+            rows.append(over_seeds(runs))
     return rows
 
 
@@ -106,26 +124,35 @@ def ckks_contexts(work: Path) -> list[str]:
 
 def cost_rows(model: list[str], args: Any, work: Path) -> list[dict[str, Any]]:
     """Plain, SecAgg+ and CKKS aggregation of ``model`` over 3 IID sites, ``args.cost_rounds`` rounds."""
-    base = [*DATA, *model, *FED, "federation.num_sites=3", f"federation.rounds={args.cost_rounds}",
+    base = [*DATA, f"seed={SEED}", *model, *FED, "federation.num_sites=3", f"federation.rounds={args.cost_rounds}",
             "federation.partition=iid", *(QUICK if args.quick else [])]
     variants = [("plain", []), ("SecAgg+", ["federation.secure_aggregation=secagg+"]),
                 ("CKKS", ["federation.secure_aggregation=ckks", *ckks_contexts(work)])]
     return [federate(name, [*base, *extra], work / name.lower().replace("+", "plus")) for name, extra in variants]
 
 
-def hippocampus_row(args: Any, work: Path) -> dict[str, Any]:
-    """MSD hippocampus (``experiment=hippocampus_unet3d``) over 3 IID sites: test Dice."""
-    overrides = [*HIPPOCAMPUS, *FED, "federation.num_sites=3", f"federation.rounds={args.rounds}",
-                 *(QUICK if args.quick else [])]
-    return federate("MSD hippocampus, 3 sites, FedAvg", overrides, work / "hippocampus")
+def hippocampus_rows(args: Any, work: Path) -> list[dict[str, Any]]:
+    """MSD hippocampus (``experiment=hippocampus_unet3d``): centralised for ``args.hippocampus_rounds``
+    epochs and FedAvg over 3 IID sites for as many rounds; test Dice of the weights validation picks."""
+    rounds, quick = args.hippocampus_rounds, QUICK if args.quick else []
+    train = [*HIPPOCAMPUS, f"seed={SEED}", *TRAIN_ONLY, f"trainer.max_epochs={rounds}", "logger=none", *quick]
+    metrics, _, wall = timed_train(train, work / "hippocampus_centralised")
+    central = {"name": "centralised", "command": command("train", train), "dice": metrics.get("test/dice_mean"),
+               "minutes": wall / 60}
+    federated = federate("FedAvg, 3 IID sites", [*HIPPOCAMPUS, f"seed={SEED}", *FED, "federation.num_sites=3",
+                                                   f"federation.rounds={rounds}", *quick], work / "hippocampus")
+    federated["dice"] = federated["chosen"].get("test/dice_mean")
+    return [central, federated]
 
 
 def accuracy_table(rows: list[dict[str, Any]]) -> list[str]:
     base = rows[0]
-    lines = ["| training | test AUROC | test ACC | AUROC vs centralised | wall min |", "|---|---:|---:|---:|---:|"]
+    lines = ["| training | seeds | test AUROC | test ACC | AUROC vs centralised | wall min (per seed) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         diff = None if row is base or row["auroc"] is None else row["auroc"] - base["auroc"]
-        lines.append(f"| {row['name']} | {fmt(row['auroc'])} | {fmt(row['acc'])} | "
+        spread = f" ± {row['auroc_sd']:.3f}" if row["auroc_sd"] is not None else ""
+        lines.append(f"| {row['name']} | {row['seeds']} | {fmt(row['auroc'])}{spread} | {fmt(row['acc'])} | "
                      f"{'' if diff is None else f'{diff:+.3f}'} | {row['minutes']:.1f} |")
     return lines
 
@@ -161,10 +188,14 @@ def markdown(accuracy: list[dict[str, Any]], cost: list[dict[str, Any]], extra: 
         f"{produced_by('benchmark_federated.py', started)}. Machine: {machine_summary()}.", "",
         "PneumoniaMNIST 28x28, official test split; the server evaluates the global model. Every row: "
         "`model=small_cnn` with GroupNorm (`model.batch_norm=group`: BatchNorm running statistics are "
-        "site-specific and do not average well), batch 128, no augmentation, AdamW without a scheduler. "
+        "site-specific and do not average well), batch 32, no augmentation, AdamW without a scheduler. "
         f"{args.sites} sites, {args.rounds} rounds x {args.local_epochs} local epoch(s); partitions IID and "
         f"Dirichlet alpha {args.alpha:g} (label skew); FedProx mu {args.mu:g}. Centralised: `medsec train` on all "
-        f"the training data for {args.rounds * args.local_epochs} epochs. Sites run in-process one at a time "
+        f"the training data for {args.rounds * args.local_epochs} epochs. Both pick the weights to test by "
+        "validation AUROC: centralised the best epoch's checkpoint, federated the best round's global model "
+        "(`checkpoints/best.ckpt`, `best` in `federated.json`). Centralised and IID FedAvg: mean ± standard "
+        f"deviation over seeds {SEED}-{SEED + args.seeds - 1} (initialisation and batch order; the same "
+        "partition); the other rows: seed 42. Sites run in-process one at a time "
         "(`federation.backend=inprocess`: deterministic, no Ray start-up), so wall time is the sum of the "
         "sites' work, not that of a real, parallel federation."
         + (" **Quick smoke run: a few batches per epoch, numbers are not meaningful.**" if args.quick else ""),
@@ -174,8 +205,9 @@ def markdown(accuracy: list[dict[str, Any]], cost: list[dict[str, Any]], extra: 
          "secret TenSEAL context and the server a public one (`medsec.federated.he_aggregation.make_site_context` "
          "and `public_context`, in the work directory); the server sees only ciphertexts and cannot evaluate."), "",
         *cost_table(cost), "", *goals(accuracy, cost), "", *extra,
-        ("Not measured by default: `--hippocampus` (MSD hippocampus, `experiment=hippocampus_unet3d`, over 3 sites, "
-        "test Dice) and `--resnet18-ckks` (CKKS cost for ResNet-18)."), "",
+        *([] if args.hippocampus and args.resnet18_ckks else [
+            ("Not measured in this run: `--hippocampus` (MSD hippocampus over 3 sites, test Dice) and "
+             "`--resnet18-ckks` (CKKS cost for ResNet-18)."), ""]),
         "Published anchors (different data, networks and sites):", *[f"- {ref}" for ref in REFERENCES], "",
         "Reproduce a row with its command:", "",
         *[f"- {row['name']}: `{row['command']}`" for row in [*accuracy, *cost]]]
@@ -186,9 +218,13 @@ def optional_rows(args: Any, work: Path) -> list[str]:
     """The sections of ``--hippocampus`` and ``--resnet18-ckks``, when asked for."""
     lines: list[str] = []
     if args.hippocampus:
-        row = hippocampus_row(args, work)
-        lines += [(f"MSD hippocampus, 3 IID sites, FedAvg, {args.rounds} rounds: test Dice "
-                  f"{fmt(row['final'].get('test/dice_mean'))} in {row['minutes']:.1f} min (`{row['command']}`)."), ""]
+        rows = hippocampus_rows(args, work)
+        lines += [(f"MSD hippocampus (`experiment=hippocampus_unet3d`: 3D U-Net, 185 training cases), "
+                   f"{args.hippocampus_rounds} epochs against {args.hippocampus_rounds} rounds of one local epoch over "
+                   "3 IID sites; test Dice (mean of both structures, 52 test cases) of the weights the validation Dice "
+                   "picks:"), "", "| training | test Dice | wall min |", "|---|---:|---:|",
+                  *[f"| {r['name']} | {fmt(r['dice'])} | {r['minutes']:.1f} |" for r in rows], "",
+                  *[f"- {r['name']}: `{r['command']}`" for r in rows], ""]
     if args.resnet18_ckks:
         lines += ["Cost of protected updates for ResNet-18 (`model=resnet18`):", "",
                   *cost_table(cost_rows(["model=resnet18"], args, work / "resnet18")), ""]
@@ -203,10 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the non-IID rows")
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal mu")
     parser.add_argument("--cost-rounds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the centralised and IID FedAvg rows")
     parser.add_argument("--hippocampus", action="store_true", help="add MSD hippocampus over 3 sites (Dice)")
+    parser.add_argument("--hippocampus-rounds", type=int, default=20)
     parser.add_argument("--resnet18-ckks", action="store_true", help="add the CKKS cost for ResNet-18")
     parser.add_argument("--work", type=Path, default=None)
-    args = parse_args(parser, argv, quick={"sites": 3, "rounds": 2, "cost_rounds": 2})
+    args = parse_args(parser, argv, quick={"sites": 3, "rounds": 2, "cost_rounds": 2, "seeds": 2,
+                                                         "hippocampus_rounds": 1})
     started = dt.datetime.now(dt.timezone.utc)
     work = args.work or Path(tempfile.mkdtemp(prefix="medsec_federated_"))
     accuracy = accuracy_rows(args, work)

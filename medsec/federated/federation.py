@@ -10,6 +10,7 @@ from typing import Any
 from flwr.common import ndarrays_to_parameters
 from flwr.server import ServerApp
 from flwr.server.workflow import SecAggPlusWorkflow
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medsec.core.run import Run
@@ -28,7 +29,7 @@ from medsec.federated.server import (
 )
 from medsec.federated.sites import num_sites, server_config
 from medsec.models.norms import batch_norm_modules
-from medsec.utils.run import resolved_config
+from medsec.utils.run import instantiate_list, resolved_config
 
 log = logging.getLogger("medsec.federated")
 SECURE_AGGREGATION = (None, "secagg+", "ckks")
@@ -131,6 +132,18 @@ class Server:
         return server_app(self.strategy, self.remaining, self.workflow)
 
 
+def round_loggers(cfg: DictConfig, run: Run) -> list[Logger]:
+    """The ``logger`` group's loggers (W&B, CSV, ...) for the per-round metrics, with the resolved
+    config as hyper-parameters; none when outputs are sealed (``rounds.csv`` is sealed instead)."""
+    loggers = instantiate_list(cfg.get("logger"))
+    if loggers and getattr(run.protections.sealer, "encrypt_outputs", False):
+        raise ConfigError(f"logger: {', '.join(type(lg).__name__ for lg in loggers)} would keep the round metrics "
+                          "in clear, which sealed outputs forbid; rounds.csv is sealed: use logger=none")
+    for logger in loggers:
+        logger.log_hyperparams(resolved_config(cfg))
+    return loggers
+
+
 def prepare(cfg: DictConfig) -> Server:
     """The server of the federation ``cfg`` (checked and resolved) describes, resumed when asked."""
     fed, sites = cfg.federation, num_sites(cfg)
@@ -151,8 +164,9 @@ def prepare(cfg: DictConfig) -> Server:
         public = Path(fed.ckks.public_context).expanduser().read_bytes()
         strategy = he_aggregation().CKKSAggregation(strategy, public)
     federated = FederatedStrategy(strategy, model, fed.strategy, fed.rounds, start, state.get("rows"),
-                                  encrypted=secure == "ckks", masked=secure == "secagg+")
+                                  encrypted=secure == "ckks", masked=secure == "secagg+", loggers=round_loggers(cfg, run))
     federated.restore(state.get("server_state") or {})
+    federated.best = state.get("best")
     workflow = SecAggPlusWorkflow(**OmegaConf.to_container(fed.secagg)) if secure == "secagg+" else None
     remaining = fed.rounds - start
     if remaining > 0:
@@ -166,6 +180,9 @@ def prepare(cfg: DictConfig) -> Server:
 def conclude(server: Server) -> dict[str, Any]:
     """Write ``federated.json`` (returned) and ``metrics.json`` after the rounds."""
     cfg, fed, sites = server.cfg, server.cfg.federation, num_sites(server.cfg)
+    server.strategy.log_rounds()
+    for logger in server.strategy.loggers:
+        logger.finalize("success")
     rounds = server.strategy.summary()
     summary = {**rounds, "num_sites": sites, "local_epochs": fed.local_epochs,
                "partition": None if fed.get("sites") else {"scheme": fed.partition, "alpha": fed.alpha},

@@ -10,7 +10,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +44,7 @@ from flwr.server.strategy import (
     Strategy,
 )
 from flwr.server.workflow import DefaultWorkflow
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from medsec.core.checkpoint import CHECKPOINT_KEY, CheckpointIO, read_checkpoint
@@ -231,16 +232,20 @@ class FederatedStrategy(Strategy):
     dtypes of the arrays, finite values) and a refused one is logged with its site and node and
     treated as a failure (the round goes on with the others); after every round the global model
     is evaluated on the server, ``rounds.csv`` is rewritten and ``checkpoints/round_<r>.ckpt`` and
-    ``checkpoints/last.ckpt`` are written. Rounds are numbered from ``start_round`` on (resuming).
+    ``checkpoints/last.ckpt`` are written, and ``checkpoints/best.ckpt`` when the round is the best
+    so far on the run's monitor (the rule ``medsec train`` picks its checkpoint by). Rounds are numbered from ``start_round`` on (resuming).
     ``encrypted``: the server only ever holds ciphertexts (CKKS): no array checks, no evaluation,
-    no checkpoints. ``masked``: SecAgg+ (each result holds the unmasked sum)."""
+    no checkpoints. ``masked``: SecAgg+ (each result holds the unmasked sum). ``loggers`` (the run's
+    ``logger`` group: W&B, CSV, TensorBoard) receive each finished round's row, step = round."""
 
     def __init__(self, strategy: Strategy, model: GlobalModel, name: str, num_rounds: int, start_round: int = 0,
                  rows: list[dict[str, Any]] | None = None, encrypted: bool = False,
-                 masked: bool = False) -> None:
+                 masked: bool = False, loggers: Sequence[Logger] = ()) -> None:
         self.strategy, self.model, self.name = strategy, model, name
         self.num_rounds, self.offset, self.encrypted, self.masked = num_rounds, start_round, encrypted, masked
         self.rows: list[dict[str, Any]] = list(rows or [])
+        self.loggers, self._logged = list(loggers), start_round if rows else -1
+        self.best: dict[str, Any] | None = None
         self.traffic = Traffic()
         self.refused: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
@@ -327,6 +332,7 @@ class FederatedStrategy(Strategy):
         if rnd > 0 and not self._round:  # aggregate_fit never ran: e.g. SecAgg+ halted for lack of sites
             log.warning("round %d: no site's update was aggregated; the global model stays as it was", rnd)
             self._round = {"sites_ok": 0}
+        self.log_rounds()  # the rows before this one are complete
         metrics: dict[str, float | None] = {}
         if not self.encrypted:
             self.model.load(parameters_to_ndarrays(parameters))
@@ -335,16 +341,27 @@ class FederatedStrategy(Strategy):
         self._round = {}
         self._account(self.rows[-1])
         if rnd > 0 and not self.encrypted:
+            best = self.improves(metrics)
+            if best:
+                self.best = {"round": rnd, **{k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}}
             state = {"round": rnd, "num_rounds": self.num_rounds, "strategy": self.name, "rows": self.rows,
-                     "server_state": self.server_state()}
+                     "best": self.best, "server_state": self.server_state()}
             checkpoints = self.model.run.out_dir / "checkpoints"
-            for name in (f"round_{rnd:03d}.ckpt", "last.ckpt"):
+            for name in (f"round_{rnd:03d}.ckpt", "last.ckpt", *(["best.ckpt"] if best else [])):
                 self.model.save(checkpoints / name, rnd, state)
         self.write_rows()
         shown = {k: v for k, v in metrics.items() if k in ("val/loss", "val/auroc", "test/auroc") and v is not None}
         log.info("round %d/%d: %s", rnd, self.num_rounds, ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "done")
         loss = metrics.get("val/loss")
         return (math.nan if loss is None else loss), {k: v for k, v in metrics.items() if v is not None}
+
+    def improves(self, metrics: Mapping[str, float | None]) -> bool:
+        """Whether ``metrics`` beat the best round so far on the run's monitor (``val/auroc``, ...)."""
+        monitor, mode = self.model.run.monitor
+        value, best = metrics.get(monitor), (self.best or {}).get(monitor)
+        if value is None or not math.isfinite(value):
+            return False
+        return best is None or (value > best if mode == "max" else value < best)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -386,6 +403,20 @@ class FederatedStrategy(Strategy):
         header += sorted({k for row in self.rows for k in row if SITE_COLUMN(k)})
         self.model.run.writer.write_table("rounds", header, [[row.get(k, "") for k in header] for row in self.rows])
 
+    def log_rounds(self) -> None:
+        """Send the rows not sent yet to the loggers: numeric values, step = round; the round's own
+        columns (seconds, bytes, sites) under ``round/``."""
+        for row in self.rows:
+            if row["round"] <= self._logged:
+                continue
+            metrics = {(k if "/" in k else f"round/{k}"): float(v) for k, v in row.items()
+                       if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=row["round"])
+            self._logged = row["round"]
+        for logger in self.loggers:
+            logger.save()
+
     def server_state(self) -> dict[str, list[torch.Tensor]]:
         """The server optimiser's state (FedAdam's moments), for resuming."""
         inner = base_strategy(self.strategy)
@@ -406,6 +437,7 @@ class FederatedStrategy(Strategy):
         return {
             "strategy": self.name, "rounds": last.get("round", 0), "num_rounds": self.num_rounds,
             "final": {k: v for k, v in last.items() if k.startswith(("val/", "test/"))},
+            "best": self.best, "monitor": self.model.run.monitor[0],
             "site_examples": {str(site): n for site, n in sorted(self.examples.items())},
             "refused": self.refused, "failures": self.failures,
             "seconds": round(sum(row.get("seconds", 0.0) for row in trained), 3),

@@ -55,9 +55,9 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 @pytest.fixture(scope="module")
 def fed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three IID sites, two rounds of one local epoch, FedAvg."""
+    """Three IID sites, two rounds of one local epoch, FedAvg; round metrics also to the CSV logger."""
     out = tmp_path_factory.mktemp("federate")
-    run_verb("federate", [*FED_TINY, "federation.rounds=2"], out)
+    run_verb("federate", [*FED_TINY, "federation.rounds=2", "logger=csv"], out)
     return out
 
 
@@ -134,9 +134,26 @@ def test_a_federation_writes_its_rounds_summary_and_checkpoints(fed_run: Path) -
     assert result["rounds"] == 2 and result["num_sites"] == 3 and result["strategy"] == "fedavg"
     assert result["site_examples"] == {"0": 64, "1": 64, "2": 64} and not result["refused"]
     assert result["final"]["test/auroc"] == pytest.approx(float(table[-1]["test/auroc"]))
-    assert {p.name for p in (fed_run / "checkpoints").iterdir()} == {"round_001.ckpt", "round_002.ckpt", "last.ckpt"}
+    assert {p.name for p in (fed_run / "checkpoints").iterdir()} == {"round_001.ckpt", "round_002.ckpt", "last.ckpt",
+                                                                     "best.ckpt"}
+    best = max(table[1:], key=lambda row: float(row["val/auroc"]))  # the first of equals: strictly better only
+    assert result["monitor"] == "val/auroc" and result["best"]["round"] == int(best["round"])
+    assert result["best"]["test/auroc"] == pytest.approx(float(best["test/auroc"]))
+    assert read_checkpoint(fed_run / "checkpoints" / "best.ckpt")["federation"]["round"] == int(best["round"])
     assert read_metrics(fed_run)["test/auroc"] == result["final"]["test/auroc"]
     assert float(table[-1]["val/loss"]) < float(table[0]["val/loss"])  # it learns
+
+
+def test_every_round_reaches_the_configured_logger_once(fed_run: Path) -> None:
+    with open(fed_run / "csv" / "metrics.csv", newline="") as handle:
+        logged = list(csv.DictReader(handle))
+    table = rows(fed_run)
+    assert [int(row["step"]) for row in logged] == [0, 1, 2]
+    for sent, row in zip(logged, table, strict=True):
+        assert float(sent["test/auroc"]) == pytest.approx(float(row["test/auroc"]))
+        assert float(sent["round/bytes_sent"]) == float(row["bytes_sent"])
+    assert float(logged[2]["site1/val_loss"]) == pytest.approx(float(table[2]["site1/val_loss"]))
+    assert "federation" in (fed_run / "csv" / "hparams.yaml").read_text()
 
 
 def test_the_round_checkpoint_is_an_ordinary_medsec_checkpoint(fed_run: Path, tmp_path: Path) -> None:
@@ -152,6 +169,7 @@ def test_resuming_from_a_round_checkpoint_continues_at_the_next_round(fed_run: P
     shutil.copy(tmp_path / "checkpoints" / "round_001.ckpt", tmp_path / "checkpoints" / "last.ckpt")
     result = run_verb("federate", [*FED_TINY, "federation.rounds=2", "federation.resume=true"], tmp_path)
     assert [row["round"] for row in rows(tmp_path)] == ["0", "1", "2"] and result["rounds"] == 2
+    assert result["best"]["round"] == summary(fed_run)["best"]["round"]  # the best round survives the restart
     assert max_difference(weights(tmp_path / "checkpoints" / "round_002.ckpt"),
                           weights(fed_run / "checkpoints" / "round_002.ckpt")) < 1e-5
 
