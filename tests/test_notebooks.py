@@ -95,6 +95,14 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert int(found.group(1)) == 3 and 0 <= float(found.group(2)) <= 1 and float(found.group(3)) <= 1.0
         images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
         assert len(images) >= 1, "expected the privacy-utility curve"
+    if path.stem == "11_federated_learning":
+        found = re.search(r"^FEDERATED_NOTEBOOK rounds=(\d+) central=([0-9.]+) iid=([0-9.]+) secagg_diff=([0-9.e+-]+) "
+                          r"poisoned_fedavg=([0-9.]+) poisoned_median=([0-9.]+)$", text, re.MULTILINE)
+        assert found, "the federated notebook did not print its final line"
+        assert int(found.group(1)) == 3 and float(found.group(4)) < 1e-4  # fast mode: 3 rounds; SecAgg+ = plain
+        assert float(found.group(6)) > float(found.group(5)) + 0.1, f"the median did not hold: {found.group(0)}"
+        images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+        assert len(images) >= 3, "expected the partition, round curve and poisoning figures"
     if path.stem == "07_adversarial_robustness":
         found = re.search(r"^ADV_NOTEBOOK pgd2_standard=([0-9.]+) pgd2_at=([0-9.]+) gain_points=(-?[0-9.]+) attacks=(\d+)$",
                           text, re.MULTILINE)

@@ -28,7 +28,7 @@ from medsec.federated.deployment import (
     wait_for_port,
 )
 from tests.conftest import run_verb
-from tests.federated.test_federate import TINY_DATA
+from tests.federated.test_federate import TINY_DATA, max_difference, weights
 
 SITES = ["data.source.num_samples=[128,64,64]", "federation.num_sites=2", "federation.rounds=2"]
 """Two sites of 64 training images, two rounds."""
@@ -93,6 +93,21 @@ def test_deployment_and_simulation_agree_on_rounds_and_metrics(no_leaks: Path) -
     assert "Uvicorn running on https://127.0.0.1" in (logs / "superlink.log").read_text()  # TLS
     assert "RegisterNode" in (logs / "superlink.log").read_text()  # the SuperNodes' keys
     assert {p.name for p in logs.iterdir()} == {"superlink.log", "supernode0.log", "supernode1.log"}
+
+
+@pytest.mark.slow
+def test_secagg_plus_over_the_deployment_runtime_aggregates_what_plain_fedavg_does(no_leaks: Path) -> None:
+    """Three SuperNodes run SecAgg+'s key exchange and masking through the SuperLink; the server
+    unmasks the sum, which is the in-process simulation's plain FedAvg aggregate."""
+    common = [*TINY_DATA, "data.source.num_samples=[192,64,64]", "federation.num_sites=3", "federation.rounds=1",
+              "federation.fraction_evaluate=0"]
+    run_verb("federate", [*common, "federation.backend=inprocess"], no_leaks / "plain")
+    result = run_verb("federate", [*common, "federation=deployment", "federation.secure_aggregation=secagg+",
+                                   "federation.secagg.max_weight=100"], no_leaks / "secagg")
+    assert result["backend"] == "deployment" and result["secure_aggregation"] == "secagg+"
+    assert result["site_examples"] == {"0": 64, "1": 64, "2": 64} and not result["failures"]
+    assert max_difference(weights(no_leaks / "plain" / "checkpoints" / "last.ckpt"),
+                          weights(no_leaks / "secagg" / "checkpoints" / "last.ckpt")) < 1e-4
 
 
 @pytest.mark.slow
