@@ -14,6 +14,7 @@ from medsec.utils.config import compose_config
 COMMANDS: dict[str, str] = {
     "train": "medsec.commands.train:train",
     "eval": "medsec.commands.evaluate:evaluate",
+    "predict": "medsec.commands.predict:predict",
     "attack": "medsec.commands.attack:attack",
     "audit": "medsec.commands.audit:audit",
     "federate": "medsec.commands.federate:federate",

@@ -1,13 +1,19 @@
-"""`medsec <verb> [hydra overrides]`: one console command, one small Hydra app per verb."""
+"""`medsec <verb> [hydra overrides]`: one console command, one small Hydra app per verb.
+
+A verb's module is imported only when its job runs (:func:`medsec.core.app.lazy_command`), so that
+`medsec <verb> --help` and config errors come back without loading torch.
+"""
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
+
+from medsec.core.app import hydra_app, lazy_command
 
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("medsec.commands.train", "train a task (default: the synthetic demo) and test its best checkpoint"),
     "eval": ("medsec.commands.evaluate", "evaluate a checkpoint on the test split: eval ckpt_path=PATH"),
+    "predict": ("medsec.commands.predict", "predict new, unlabelled images or DICOM series: predict ckpt_path=PATH input=PATH"),
     "attack": ("medsec.commands.attack", "attack a checkpoint and measure robustness: attack ckpt_path=PATH attack=pgd"),
     "audit": ("medsec.commands.audit", "membership inference audit and empirical DP epsilon of a checkpoint: audit ckpt_path=PATH"),
     "federate": ("medsec.commands.federate", "federated training across sites with Flower: federate federation.num_sites=3 federation.strategy=fedavg"),
@@ -63,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"medsec: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
     overrides = [FLAG_ALIASES.get(arg, arg) for arg in value_flags(overrides)]
     sys.argv = [f"medsec {verb}", *overrides]  # Hydra reads its overrides from sys.argv
-    module.main()
+    hydra_app(verb, lazy_command(VERBS[verb][0]))()  # conf/<verb>.yaml
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 import statistics
 import tempfile
 import time
@@ -31,7 +32,6 @@ from medsec.utils.benchmarks import (
     parse_args,
     produced_by,
     publish,
-    timed_train,
 )
 
 SECTION = "federated"
@@ -53,12 +53,24 @@ REFERENCES = [
 ]
 
 
-def federate(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """``medsec federate OVERRIDES`` in this process: test metrics of the round the validation AUROC
-    picks (the rule ``medsec train`` picks its checkpoint by), wall minutes, per-round cost."""
+def run_verb(verb: str, overrides: list[str], out: Path, reuse: bool) -> tuple[dict[str, Any], float]:
+    """``medsec VERB OVERRIDES`` in this process into ``out``; with ``reuse``, what a finished run
+    of an earlier invocation left there (its result and its recorded wall seconds)."""
+    record = out / "benchmark_wall.json"
+    result = out / ("federated.json" if verb == "federate" else "metrics.json")
+    if reuse and record.exists() and result.exists():
+        return json.loads(result.read_text()), json.loads(record.read_text())["seconds"]
     start = time.perf_counter()
-    summary = api.run("federate", overrides, out)
+    outcome = api.run(verb, overrides, out)
     wall = time.perf_counter() - start
+    record.write_text(json.dumps({"seconds": wall}))
+    return outcome, wall
+
+
+def federate(name: str, overrides: list[str], out: Path, reuse: bool = False) -> dict[str, Any]:
+    """``medsec federate OVERRIDES``: test metrics of the round the validation AUROC picks (the rule
+    ``medsec train`` picks its checkpoint by), wall minutes, per-round cost."""
+    summary, wall = run_verb("federate", overrides, out, reuse)
     with open(out / "rounds.csv", newline="") as handle:
         rounds = [r for r in csv.DictReader(handle) if int(r["round"]) > 0]  # round 0: the initial model
     chosen = summary.get("best") or summary.get("final") or {}
@@ -75,7 +87,7 @@ def centralised(args: Any, work: Path, seed: int) -> dict[str, Any]:
     """``medsec train`` on all the data for rounds x local epochs."""
     overrides = [*DATA, f"seed={seed}", *TRAIN_ONLY, f"trainer.max_epochs={args.rounds * args.local_epochs}",
                  "logger=none", *(QUICK if args.quick else [])]
-    metrics, _, wall = timed_train(overrides, work / f"centralised_{seed}")
+    metrics, wall = run_verb("train", overrides, work / f"centralised_{seed}", args.reuse)
     print(f"[federated] centralised, seed {seed}: auroc={fmt(metrics.get('test/auroc'))} in {wall / 60:.1f} min",
           flush=True)
     return {"name": "centralised", "command": command("train", overrides), "auroc": metrics.get("test/auroc"),
@@ -107,7 +119,7 @@ def accuracy_rows(args: Any, work: Path) -> list[dict[str, Any]]:
                              f"federation.partition={partition}", f"federation.alpha={args.alpha}",
                              f"federation.strategy={strategy}", f"federation.proximal_mu={args.mu}",
                              *(QUICK if args.quick else [])]
-                runs.append(federate(label, overrides, work / f"{partition}_{strategy}_{seed}"))
+                runs.append(federate(label, overrides, work / f"{partition}_{strategy}_{seed}", args.reuse))
             rows.append(over_seeds(runs))
     return rows
 
@@ -123,12 +135,20 @@ def ckks_contexts(work: Path) -> list[str]:
 
 
 def cost_rows(model: list[str], args: Any, work: Path) -> list[dict[str, Any]]:
-    """Plain, SecAgg+ and CKKS aggregation of ``model`` over 3 IID sites, ``args.cost_rounds`` rounds."""
+    """Plain, SecAgg+ and CKKS aggregation of ``model`` over 3 IID sites, ``args.cost_rounds`` rounds,
+    each run ``args.cost_repeats`` times, interleaved (plain, SecAgg+, CKKS, plain, ...), so that a
+    busy spell of the machine does not fall on one variant alone; the median over the repeats."""
     base = [*DATA, f"seed={SEED}", *model, *FED, "federation.num_sites=3", f"federation.rounds={args.cost_rounds}",
             "federation.partition=iid", *(QUICK if args.quick else [])]
     variants = [("plain", []), ("SecAgg+", ["federation.secure_aggregation=secagg+"]),
                 ("CKKS", ["federation.secure_aggregation=ckks", *ckks_contexts(work)])]
-    return [federate(name, [*base, *extra], work / name.lower().replace("+", "plus")) for name, extra in variants]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+    for repeat in range(args.cost_repeats):
+        for name, extra in variants:
+            out = work / f"{name.lower().replace('+', 'plus')}_{repeat}"
+            runs[name].append(federate(name, [*base, *extra], out))
+    return [{**found[0], "round_s": statistics.median(r["round_s"] for r in found),
+             "bytes": statistics.median(r["bytes"] for r in found)} for found in runs.values()]
 
 
 def hippocampus_rows(args: Any, work: Path) -> list[dict[str, Any]]:
@@ -136,11 +156,12 @@ def hippocampus_rows(args: Any, work: Path) -> list[dict[str, Any]]:
     epochs and FedAvg over 3 IID sites for as many rounds; test Dice of the weights validation picks."""
     rounds, quick = args.hippocampus_rounds, QUICK if args.quick else []
     train = [*HIPPOCAMPUS, f"seed={SEED}", *TRAIN_ONLY, f"trainer.max_epochs={rounds}", "logger=none", *quick]
-    metrics, _, wall = timed_train(train, work / "hippocampus_centralised")
+    metrics, wall = run_verb("train", train, work / "hippocampus_centralised", args.reuse)
     central = {"name": "centralised", "command": command("train", train), "dice": metrics.get("test/dice_mean"),
                "minutes": wall / 60}
     federated = federate("FedAvg, 3 IID sites", [*HIPPOCAMPUS, f"seed={SEED}", *FED, "federation.num_sites=3",
-                                                   f"federation.rounds={rounds}", *quick], work / "hippocampus")
+                                                   f"federation.rounds={rounds}", *quick], work / "hippocampus",
+                         args.reuse)
     federated["dice"] = federated["chosen"].get("test/dice_mean")
     return [central, federated]
 
@@ -200,8 +221,9 @@ def markdown(accuracy: list[dict[str, Any]], cost: list[dict[str, Any]], extra: 
         "sites' work, not that of a real, parallel federation."
         + (" **Quick smoke run: a few batches per epoch, numbers are not meaningful.**" if args.quick else ""),
         "", *accuracy_table(accuracy), "",
-        (f"Cost of protected updates: the same network, 3 IID sites, {args.cost_rounds} rounds; median over the "
-        "rounds of the round's wall seconds and of the bytes the server sent and received. CKKS: the sites hold a "
+        (f"Cost of protected updates: the same network, 3 IID sites, {args.cost_rounds} rounds, each variant run "
+        f"{args.cost_repeats} times interleaved; median over the rounds and repeats of the round's wall seconds and "
+        "of the bytes the server sent and received. CKKS: the sites hold a "
          "secret TenSEAL context and the server a public one (`medsec.federated.he_aggregation.make_site_context` "
          "and `public_context`, in the work directory); the server sees only ciphertexts and cannot evaluate."), "",
         *cost_table(cost), "", *goals(accuracy, cost), "", *extra,
@@ -239,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the non-IID rows")
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal mu")
     parser.add_argument("--cost-rounds", type=int, default=2)
+    parser.add_argument("--cost-repeats", type=int, default=2, help="interleaved repeats of each cost variant")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the finished accuracy and hippocampus runs in --work (the cost rows always rerun)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the centralised and IID FedAvg rows")
     parser.add_argument("--hippocampus", action="store_true", help="add MSD hippocampus over 3 sites (Dice)")
     parser.add_argument("--hippocampus-rounds", type=int, default=20)

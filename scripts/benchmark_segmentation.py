@@ -90,16 +90,16 @@ def render(args: argparse.Namespace, row: dict[str, Any], started: dt.datetime) 
         "Data: the 260 labelled cases of the shared copy (see its PROVENANCE.txt). Split: fold 0 of 5 (seed 0) "
         "is the held-out test set (20 %); a ninth of the other cases is the validation set that picks the "
         f"checkpoint (`val/dice_mean`); the rest train ({_sizes(row)}). Training: random 32x48x32 crops, flips, intensity "
-        "jitter; test: whole volumes, Gaussian sliding windows (overlap 0.5). Dice and HD95 (voxels = mm) "
-        "are per-case means over the test cases, background excluded.",
+        "jitter; test: whole volumes, Gaussian sliding windows (overlap 0.5). Dice and HD95 (in mm, from each "
+        "volume's voxel spacing) are per-case means over the test cases, background excluded.",
         "",
         "| class | test Dice | nnU-Net Dice | test HD95 (mm) |",
         "|---|---|---|---|",
     ]
     for name, ref in REFERENCE.items():
-        lines.append(f"| {name} | {fmt(m.get(f'test/dice_{name}'))} | {ref:.2f} | {fmt(m.get(f'test/hd95_{name}'), 2)} |")
+        lines.append(f"| {name} | {fmt(m.get(f'test/dice_{name}'))} | {ref:.2f} | {fmt(m.get(f'test/hd95_mm_{name}'), 2)} |")
     lines.append(f"| **mean** | **{fmt(m.get('test/dice_mean'))}** | {sum(REFERENCE.values()) / 2:.3f} "
-                 f"| {fmt(m.get('test/hd95_mean'), 2)} |")
+                 f"| {fmt(m.get('test/hd95_mm_mean'), 2)} |")
     inference = row["inference"]
     lines += [
         "",

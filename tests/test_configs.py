@@ -28,7 +28,7 @@ from medsec.federated.sites import num_sites
 from medsec.protections import SecretKey
 from medsec.protections.keys import write_key_file
 from medsec.utils.config import CONFIG_DIR, compose_config, default_data_dir
-from tests.data.fakes import make_class_folders, write_data_dir
+from tests.data.fakes import make_class_folders, write_data_dir, write_image_masks
 
 SMALL = ["data.source.num_samples=[16,8,8]", "data.source.image_size=32", "data.batch_size=8",
          "data.num_workers=0"]
@@ -102,6 +102,9 @@ def build_data(option: str, tmp_path: Path, data_dir: Path, folder: Path, **_: A
     extra = DATA_SIZES.get(option, [])
     if option == "folder":
         extra = [f"data.source.root={folder}", "data.image_size=32"]
+    if option == "image_masks":
+        pairs = write_image_masks(tmp_path / "pairs")
+        extra = [f"data.source.root={pairs.parent}", f"data.source.csv={pairs.name}", "data.source.class_names=[lesion]"]
     cfg = compose("train", [f"data={option}", f"paths.data_dir={data_dir}", "data.num_workers=0",
                             "data.batch_size=4", *extra], tmp_path)
     datamodule = build_datamodule(cfg.data)

@@ -115,9 +115,9 @@ def test_rotation_replaces_the_key_atomically(site: dict, tmp_path: Path) -> Non
 
 def test_flag_aliases_become_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    monkeypatch.setattr("medsec.commands.encrypt.main", lambda: seen.append(list(__import__("sys").argv)))
+    monkeypatch.setattr(cli, "hydra_app", lambda name, command: lambda: seen.append([name, *__import__("sys").argv]))
     assert cli.main(["encrypt", "--rotate", "crypto.store=/x"]) == 0
-    assert seen == [["medsec encrypt", "action=rotate", "crypto.store=/x"]]
+    assert seen == [["encrypt", "medsec encrypt", "action=rotate", "crypto.store=/x"]]
 
 
 def test_crypto_refuses_image_logging_and_names_a_missing_store(site: dict, tmp_path: Path) -> None:

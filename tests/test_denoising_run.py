@@ -8,8 +8,8 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from medsec.commands import train as train_verb
+from medsec.errors import user_errors_exit
 from medsec.utils.config import compose_config
-from medsec.utils.run import user_errors_exit
 from tests.conftest import read_metrics, run_verb
 
 QUIET = ["callbacks.rich_progress_bar=null", "callbacks.model_summary=null"]

@@ -5,8 +5,7 @@ import logging
 
 import pytest
 
-from medsec.errors import DataError
-from medsec.utils.run import user_error_message, user_errors_exit
+from medsec.errors import DataError, user_error_message, user_errors_exit
 
 
 def test_message_found_through_exception_chain() -> None:

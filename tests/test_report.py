@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from medsec.errors import ConfigError
+from medsec.errors import ConfigError, user_error_message
 from medsec.protections import KeyRef, SecretKey
 from medsec.protections.keys import write_key_file
-from medsec.utils.run import user_error_message
 from tests.conftest import run_verb
 from tests.data.fakes import shared_data
 

@@ -18,12 +18,12 @@ SYNTHETIC = ["experiment=synthetic_unet2d", "data.source.num_samples=[48,8,8]", 
 TINY_UNET3D = ["model.net.channels=[4,8]", "model.net.strides=[2]", "model.net.num_res_units=0",
                "trainer.max_epochs=1", "trainer.max_time=null", "data.batch_size=2", *QUIET]
 AFFINE = np.array([[0.0, -1.5, 0, 10], [1.2, 0, 0, -5], [0, 0, 2, 3], [0, 0, 0, 1]])
-DICE_KEYS = {"val/dice_mean", "val/dice_mean_best", "test/dice_mean", "test/hd95_mean", "test/loss", "train/loss"}
+DICE_KEYS = {"val/dice_mean", "val/dice_mean_best", "test/dice_mean", "test/hd95_mm_mean", "test/loss", "train/loss"}
 
 
 def test_synthetic_2d_train_then_eval(tmp_path: Path) -> None:
     metrics = run_verb("train", SYNTHETIC, tmp_path / "train")
-    assert DICE_KEYS | {"test/dice_disc", "test/dice_ring", "test/hd95_disc", "val/dice_ring"} <= set(metrics)
+    assert DICE_KEYS | {"test/dice_disc", "test/dice_ring", "test/hd95_mm_disc", "val/dice_ring"} <= set(metrics)
     assert read_metrics(tmp_path / "train") == metrics
     assert 0.0 <= metrics["test/dice_mean"] <= 1.0
     predictions = sorted((tmp_path / "train" / "predictions").iterdir())
@@ -34,7 +34,7 @@ def test_synthetic_2d_train_then_eval(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "train" / "checkpoints" / "best.ckpt"
     evaluated = run_verb("eval", [f"ckpt_path={ckpt}", "callbacks.rich_progress_bar=null"], tmp_path / "eval")
-    for key in ("test/dice_mean", "test/dice_disc", "test/hd95_mean"):
+    for key in ("test/dice_mean", "test/dice_disc", "test/hd95_mm_mean"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
     for a, b in zip(predictions, sorted((tmp_path / "eval" / "predictions").iterdir())):
         np.testing.assert_array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))
@@ -45,7 +45,7 @@ def test_fake_decathlon_3d_keeps_the_affine(tmp_path: Path) -> None:
     overrides = ["experiment=hippocampus_unet3d", f"data.source.root={root}", "data.source.fold=0",
                  "data.pipeline.crop_size=[8,16,8]", "task.roi_size=[8,16,8]", *TINY_UNET3D]
     metrics = run_verb("train", overrides, tmp_path / "run")
-    assert DICE_KEYS | {"test/dice_anterior", "test/dice_posterior", "test/hd95_posterior"} <= set(metrics)
+    assert DICE_KEYS | {"test/dice_anterior", "test/dice_posterior", "test/hd95_mm_posterior"} <= set(metrics)
     predictions = sorted((tmp_path / "run" / "predictions").iterdir())
     assert len(predictions) == 2  # fold 0 of 5
     for path in predictions:
@@ -62,7 +62,7 @@ def test_hippocampus_real_cases(tmp_path: Path) -> None:
     overrides = ["experiment=hippocampus_unet3d", f"data.source.root={root}", "data.source.fold=null",
                  "data.source.max_cases=8", "data.source.fractions=[0.5,0.25,0.25]", *TINY_UNET3D]
     metrics = run_verb("train", overrides, tmp_path)
-    assert {"test/dice_anterior", "test/dice_posterior", "test/hd95_anterior", "test/hd95_posterior"} <= set(metrics)
+    assert {"test/dice_anterior", "test/dice_posterior", "test/hd95_mm_anterior", "test/hd95_mm_posterior"} <= set(metrics)
     for path in sorted((tmp_path / "predictions").iterdir()):
         source = nib.load(root / "imagesTr" / path.name)
         saved = nib.load(path)

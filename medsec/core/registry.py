@@ -40,6 +40,7 @@ _REGISTRY: dict[str, set[str]] = {
         "medsec.data.sources.medmnist.MedMNISTSource",
         "medsec.data.sources.chestxray14.ChestXray14Source",
         "medsec.data.sources.folder.FolderSource",
+        "medsec.data.sources.image_masks.ImageMaskSource",
         "medsec.data.sources.decathlon.DecathlonSource",
         "medsec.data.sources.decathlon_slices.DecathlonSlicesSource",
         "medsec.data.sources.partition.PartitionSource",

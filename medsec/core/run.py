@@ -71,16 +71,19 @@ class Run:
         return cls(cfg, out_dir, task, datamodule, protections, info)
 
     @classmethod
-    def open(cls, cfg: DictConfig, ckpt_path: str | Path | None = None) -> Run:
+    def open(cls, cfg: DictConfig, ckpt_path: str | Path | None = None, read_data: bool = True) -> Run:
         """The trained run in ``ckpt_path`` (default ``cfg.ckpt_path``): its task, its data (the
         checkpoint's data config unless ``cfg.data`` names one) and the protections to read them
-        with (``cfg.protect``/``cfg.crypto``, else those the training run used)."""
+        with (``cfg.protect``/``cfg.crypto``, else those the training run used); ``read_data``: as
+        :meth:`open_checkpoint`."""
         out_dir = cls._start(cfg)
-        return cls.open_checkpoint(cfg, ckpt_path or cfg.ckpt_path, out_dir)
+        return cls.open_checkpoint(cfg, ckpt_path or cfg.ckpt_path, out_dir, read_data)
 
     @classmethod
-    def open_checkpoint(cls, cfg: DictConfig, ckpt_path: str | Path, out_dir: Path) -> Run:
-        """:meth:`open` without starting a run directory (a second checkpoint in the same run)."""
+    def open_checkpoint(cls, cfg: DictConfig, ckpt_path: str | Path, out_dir: Path, read_data: bool = True) -> Run:
+        """:meth:`open` without starting a run directory (a second checkpoint in the same run).
+        ``read_data=False``: build the data module (its transforms) without reading its source nor
+        checking its classes (``medsec predict`` reads other inputs)."""
         where = f"ckpt_path: {ckpt_path}"
         protections = Protections.from_config(cfg.get("protect"), cfg.get("crypto"))
         payload = read_checkpoint(ckpt_path, protections.sealer)
@@ -95,7 +98,7 @@ class Run:
         data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(info["data"])
         datamodule = build_datamodule(data_cfg, protections)
         task = build_task(payload, where)
-        if list(datamodule.class_names) != list(task.class_names):
+        if read_data and list(datamodule.class_names) != list(task.class_names):
             raise ConfigError(f"data: classes {datamodule.class_names} differ from the checkpoint's {task.class_names}; "
                               "fine-tune with `medsec train model.init_from=...` to change the class set")
         return cls(cfg, out_dir, task, datamodule, protections, dict(info))

@@ -1,7 +1,7 @@
 """MedicalDataModule: one LightningDataModule for every source, built on MONAI datasets."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -10,6 +10,7 @@ from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose
 from torch.utils.data import DataLoader
 
+from medsec.data.intensity import intensity_modality
 from medsec.data.sources.base import SPLITS, DataSource, Record, SourceData
 from medsec.data.transforms import LoadImageNamed, classification_transforms
 from medsec.errors import ConfigError
@@ -31,12 +32,15 @@ class MedicalDataModule(L.LightningDataModule):
         cache: keep the deterministic part of the pipeline in memory (MONAI ``CacheDataset``;
             nothing is written to disk).
         pipeline: builds each split's MONAI transforms (keyword arguments ``train``, ``reader``,
-            ``in_channels``, ``spatial_dims``, ``image_size``, ``augment``, ``multilabel``);
+            ``in_channels``, ``spatial_dims``, ``image_size``, ``augment``, ``multilabel``,
+            ``intensity``, ``labelled``);
             a ``_partial_`` config fixes the rest. Default: :func:`classification_transforms`.
         eval_batch_size: global batch size for validation and test (e.g. 1 for whole volumes);
             default ``batch_size``.
         train_subset: train on this many training records only, a seeded random choice (learning
             curves, small-data models for membership audits); ``None`` = all.
+        intensity: the modality's intensity transforms, e.g. ``{modality: ct, window: lung}``
+            (:mod:`medsec.data.intensity`); ``None``: 8-bit / 255, else min-max per image.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class MedicalDataModule(L.LightningDataModule):
         pipeline: Callable[..., Compose] | None = None,
         eval_batch_size: int | None = None,
         train_subset: int | None = None,
+        intensity: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1),
@@ -71,6 +76,8 @@ class MedicalDataModule(L.LightningDataModule):
         self.pipeline = pipeline or classification_transforms
         self.eval_batch_size = eval_batch_size or batch_size
         self.train_subset = train_subset
+        intensity_modality(intensity)  # a bad intensity config fails here, before any data is read
+        self.intensity = dict(intensity) if intensity else None
         self._data: SourceData | None = None
         self.datasets: dict[str, Dataset] = {}
 
@@ -133,20 +140,20 @@ class MedicalDataModule(L.LightningDataModule):
         reader = self.data.reader
         if reader is None and self.data.from_files:
             reader = LoadImageNamed(["image", "mask"], allow_missing_keys=True)
-        transform = self.pipeline(
-            train=train,
-            reader=reader,
-            in_channels=self.in_channels,
-            spatial_dims=self.data.spatial_dims,
-            image_size=self.image_size,
-            augment=self.augment,
-            multilabel=self.data.multilabel,
-        )
+        transform = self.transforms(reader, self.data.spatial_dims, self.data.multilabel, train=train)
         payload = [{k: r[k] for k in PAYLOAD_KEYS if k in r} | {"id": r.get("id", str(i))}
                    for i, r in enumerate(records)]
         if self.cache:
             return CacheDataset(payload, transform, progress=False, num_workers=0)
         return Dataset(payload, transform)
+
+    def transforms(self, reader: Callable[[Record], Record] | None, spatial_dims: int, multilabel: bool,
+                   train: bool = False, labelled: bool = True) -> Compose:
+        """The configured pipeline of one split (``train``: augmented), after ``reader``;
+        ``labelled=False`` for records without labels (what ``medsec predict`` reads)."""
+        return self.pipeline(train=train, reader=reader, in_channels=self.in_channels, spatial_dims=spatial_dims,
+                             image_size=self.image_size, augment=self.augment, multilabel=multilabel,
+                             intensity=self.intensity, labelled=labelled)
 
     def _per_device_batch(self, split: str) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -13,17 +13,16 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
-    NormalizeIntensityd,
     Orientationd,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
-    ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
 
+from medsec.data.intensity import intensity_transforms
 from medsec.errors import ConfigError, DataError
 
 KEYS = ("image", "label")
@@ -45,7 +44,8 @@ class MaskAsLabeld(MapTransform):
 
 class CheckCased(MapTransform):
     """Check one case as soon as it is read: ``in_channels`` image channels, a one-channel mask of
-    the image's spatial shape, and (when both carry one) the same affine. Errors name the case."""
+    the image's spatial shape, and (when both carry one) the same affine. Errors name the case.
+    A case without ``label`` (``medsec predict``) has its image checked only."""
 
     def __init__(self, in_channels: int, spatial_dims: int) -> None:
         super().__init__(KEYS)
@@ -55,10 +55,12 @@ class CheckCased(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         case = d.get("id", "?")
-        image, label = d["image"], d["label"]
+        image, label = d["image"], d.get("label")
         if image.ndim != self.spatial_dims + 1 or image.shape[0] != self.in_channels:
             raise DataError(f"case {case}: image has shape {tuple(image.shape)}; expected {self.in_channels} "
                             f"channel(s) and {self.spatial_dims} spatial dimensions")
+        if label is None:
+            return d
         if tuple(label.shape) != (1, *image.shape[1:]):
             raise DataError(f"case {case}: mask shape {tuple(label.shape)[1:]} differs from image shape "
                             f"{tuple(image.shape)[1:]}")
@@ -81,15 +83,6 @@ class StoreAffined(MapTransform):
         affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
         d["affine"] = torch.as_tensor(affine, dtype=torch.float64)
         return d
-
-
-def _normaliser(normalize: str) -> MapTransform:
-    if normalize == "percentiles":  # [0, 1], the pixel space the networks and attacks work in
-        return ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
-                                               clip=True, channel_wise=True)
-    if normalize == "zscore":
-        return NormalizeIntensityd("image", channel_wise=True)
-    raise ConfigError(f"data.pipeline.normalize must be 'percentiles' or 'zscore', got {normalize!r}")
 
 
 def _augmentations(spatial_dims: int, flip_prob: float, intensity_jitter: float) -> list[MapTransform]:
@@ -116,8 +109,15 @@ def segmentation_transforms(
     crop_size: Sequence[int] | int | None = None,
     flip_prob: float = 0.5,
     intensity_jitter: float = 0.1,
+    intensity: Mapping[str, Any] | None = None,
+    labelled: bool = True,
 ) -> Compose:
     """Read, check, reorient/resample, normalise, (train:) crop and augment, type.
+
+    ``normalize`` (``percentiles``: 0.5/99.5 to [0, 1], the pixel space the networks and attacks
+    work in; ``zscore``) applies unless the data config's ``intensity`` selects a modality's
+    transforms (:mod:`medsec.data.intensity`, e.g. a CT window). ``labelled=False``: records
+    without masks (``medsec predict``).
 
     The record's ``mask`` becomes ``label``: an int64 label map ``(1, *spatial)`` whose value k is
     foreground class k (0 is background); ``image`` is float32 ``(in_channels, *spatial)`` and
@@ -129,26 +129,25 @@ def segmentation_transforms(
     if image_size is not None:
         raise ConfigError("data.image_size must be null for segmentation "
                           "(resample with data.pipeline.pixdim)")
+    if normalize not in ("percentiles", "zscore"):
+        raise ConfigError(f"data.pipeline.normalize must be 'percentiles' or 'zscore', got {normalize!r}")
+    keys = KEYS if labelled else ("image",)
     steps: list = [reader] if reader is not None else []
-    steps += [
-        MaskAsLabeld(),
-        EnsureTyped("image", dtype=torch.float32, track_meta=True),
-        EnsureTyped("label", dtype=torch.int64, track_meta=True),
-        CheckCased(in_channels, spatial_dims),
-    ]
+    steps += [MaskAsLabeld()] if labelled else []
+    steps += [EnsureTyped("image", dtype=torch.float32, track_meta=True)]
+    steps += [EnsureTyped("label", dtype=torch.int64, track_meta=True)] if labelled else []
+    steps.append(CheckCased(in_channels, spatial_dims))
     if orientation:
-        steps.append(Orientationd(KEYS, axcodes=orientation, labels=None))  # axis labels from the image space
+        steps.append(Orientationd(keys, axcodes=orientation, labels=None))  # axis labels from the image space
     if pixdim:
-        steps.append(Spacingd(KEYS, pixdim=pixdim, mode=("bilinear", "nearest")))
-    steps += [_normaliser(normalize), StoreAffined()]
+        steps.append(Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")[:len(keys)]))
+    steps += [*intensity_transforms(intensity or {"modality": "mr", "normalize": normalize}), StoreAffined()]
     if train and crop_size is not None:
         steps += [SpatialPadd(KEYS, spatial_size=crop_size), RandSpatialCropd(KEYS, roi_size=crop_size)]
     if train and augment:
         steps += _augmentations(spatial_dims, flip_prob, intensity_jitter)
-    steps += [
-        EnsureTyped("image", dtype=torch.float32, track_meta=False),
-        EnsureTyped("label", dtype=torch.int64, track_meta=False),
-    ]
+    steps.append(EnsureTyped("image", dtype=torch.float32, track_meta=False))
+    steps += [EnsureTyped("label", dtype=torch.int64, track_meta=False)] if labelled else []
     return Compose(steps)
 
 

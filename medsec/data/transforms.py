@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.data import NibabelReader, PILReader, PydicomReader
+from monai.data import NibabelReader, PILReader
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -19,17 +19,22 @@ from monai.transforms import (
     Resized,
 )
 
+from medsec.data.dicom import DICOM_SUFFIXES, DicomReader, is_dicom
+from medsec.data.intensity import ScaleToUnitd, intensity_transforms
 from medsec.errors import DataError
+
+__all__ = ["KeysT", "LoadImageNamed", "ScaleToUnitd", "ToChannelsd", "classification_transforms"]
 
 KeysT = str | Sequence[str]
 
 
 class LoadImageNamed(MapTransform):
-    """Read ``keys`` from files with MONAI's ``LoadImage`` (PIL, pydicom, nibabel readers).
+    """Read ``keys`` from files with MONAI's ``LoadImage`` (PIL, nibabel and medsec's DICOM readers).
 
     A file that cannot be read (missing, truncated, unknown format) raises :class:`DataError`
     naming the file, instead of a bare reader exception deep inside a worker. 2D PNG/JPEG and
-    DICOM images are read in (row, column) order, as they are displayed.
+    DICOM images are read in (row, column) order, as they are displayed; a list of DICOM files is
+    one series, read as a volume (:class:`~medsec.data.dicom.DicomReader`).
     """
 
     def __init__(self, keys: KeysT, allow_missing_keys: bool = False) -> None:
@@ -45,44 +50,35 @@ class LoadImageNamed(MapTransform):
         return {
             (".png", ".jpg", ".jpeg", ".bmp"): LoadImage(image_only=True, ensure_channel_first=True, dtype=None,
                                                          reader=PILReader(reverse_indexing=False)),
-            (".dcm", ".dicom"): LoadImage(image_only=True, ensure_channel_first=True, dtype=None,
-                                          reader=PydicomReader(swap_ij=False)),
+            DICOM_SUFFIXES: LoadImage(image_only=True, ensure_channel_first=True, dtype=None, reader=DicomReader()),
             (".nii", ".nii.gz"): LoadImage(image_only=True, ensure_channel_first=True, dtype=None,
                                            reader=NibabelReader()),
         }
 
-    def _read(self, path: str) -> torch.Tensor:
+    def _read(self, path: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(path, (list, tuple)):  # the files of a DICOM series
+            return self._load(self.loaders[DICOM_SUFFIXES], list(path), f"DICOM series {Path(path[0]).parent}")
         name = str(path).lower()
         loader = next((ld for suffixes, ld in self.loaders.items() if name.endswith(suffixes)), None)
+        if loader is None and is_dicom(path):  # DICOM files often have no suffix
+            loader = self.loaders[DICOM_SUFFIXES]
         if loader is None:
             raise DataError(f"cannot read image file {path}: unsupported type (use PNG, JPEG, DICOM or NIfTI)")
+        return self._load(loader, path, f"image file {path}")
+
+    @staticmethod
+    def _load(loader: LoadImage, path: str | list[str], what: str) -> torch.Tensor:
         try:
             return loader(path)
+        except DataError:
+            raise
         except Exception as err:  # readers raise many types; all mean "cannot read this file"
-            raise DataError(f"cannot read image file {path}: {type(err).__name__}: {err}") from err
+            raise DataError(f"cannot read {what}: {type(err).__name__}: {err}") from err
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self._read(d[key])
-        return d
-
-
-class ScaleToUnitd(MapTransform):
-    """Bring intensities to [0, 1]: 8-bit data divided by 255, anything else min-max scaled."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            source_dtype = img.dtype
-            img = torch.as_tensor(img).float()
-            if source_dtype in (np.uint8, torch.uint8):
-                img = img / 255.0
-            else:
-                lo, hi = img.min(), img.max()
-                img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
-            d[key] = img
         return d
 
 
@@ -120,17 +116,22 @@ def classification_transforms(
     image_size: int | None = None,
     augment: bool = True,
     multilabel: bool = False,
+    intensity: Mapping[str, Any] | None = None,
+    labelled: bool = True,
 ) -> Compose:
-    """The classification pipeline: read, scale to [0, 1], fix channels, resize, augment, type.
+    """The classification pipeline: read, bring intensities to [0, 1], fix channels, resize, augment, type.
 
-    ``reader`` runs first (e.g. :class:`LoadImageNamed` for file records, or a decrypting reader).
+    ``reader`` runs first (e.g. :class:`LoadImageNamed` for file records, or a decrypting reader);
+    ``intensity`` selects the modality's intensity transforms (:mod:`medsec.data.intensity`;
+    default: 8-bit / 255, else min-max per image); ``labelled=False``: records without labels
+    (``medsec predict``).
 
     MONAI's ``CacheDataset`` caches everything before the first random transform, so only the
     augmentation runs every epoch. Output: ``image`` float32 in [0, 1] with ``in_channels``
     channels and ``label`` int64 (multi-class) or float32 (multi-label, -1 = unknown).
     """
     steps: list = [reader] if reader is not None else []
-    steps += [ScaleToUnitd("image"), ToChannelsd("image", in_channels)]
+    steps += [*intensity_transforms(intensity), ToChannelsd("image", in_channels)]
     if image_size:
         steps.append(Resized("image", spatial_size=(image_size,) * spatial_dims, mode="area"))
     if train and augment:
@@ -139,9 +140,7 @@ def classification_transforms(
             RandAffined("image", prob=0.5, rotate_range=[0.1] * (1 if spatial_dims == 2 else 3),
                         scale_range=[0.1] * spatial_dims, padding_mode="zeros"),
         ]
-    label_dtype = torch.float32 if multilabel else torch.int64
-    steps += [
-        EnsureTyped("image", dtype=torch.float32, track_meta=False),
-        EnsureTyped("label", dtype=label_dtype, track_meta=False),
-    ]
+    steps.append(EnsureTyped("image", dtype=torch.float32, track_meta=False))
+    if labelled:
+        steps.append(EnsureTyped("label", dtype=torch.float32 if multilabel else torch.int64, track_meta=False))
     return Compose(steps)

@@ -1,14 +1,13 @@
 """Two-party additive secret sharing for inference of an HE-friendly network (a compiled he_cnn,
 :class:`medsec.he.compiler.HEProgram`: affine layers and squares).
 
-The client splits each image into two random shares, ``x = x0 + x1 (mod 2^64)``, and sends one to
-each of two servers. The servers hold the model in the clear (the model owner runs both), evaluate
+The client splits each image into two random shares, ``x = x0 + x1`` in the ring of a number system
+(:mod:`medsec.mpc.arithmetic`: Z_2^64 with truncation, or an exact residue number system), and
+sends one to each of two servers. The servers hold the model in the clear (the model owner runs both), evaluate
 every affine layer on their own share locally, and every square with a Beaver pair ``(a, a^2)`` from
 a dealer: they open ``e = x - a`` to each other (``e`` is uniform: it says nothing of ``x``) and
-compute shares of ``x^2 = e^2 + 2ea + a^2``. Values are fixed-point with ``frac_bits`` fractional
-bits; after each multiplication each server truncates its own share (SecureML's local truncation,
-Mohassel and Zhang 2017), which is off by at most one unit in the last place, except with a
-probability the planner bounds. The client adds the two logit shares.
+compute shares of ``x^2 = e^2 + 2ea + a^2``. Values are fixed point; in Z_2^64 each server
+truncates its own share after each multiplication. The client adds the two logit shares.
 
 Assumptions, said plainly: the two servers do not collude (together they can add the shares and
 see the image); the dealer's pairs must be secret from the servers that use them. Here the client
@@ -33,13 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from medsec.errors import ConfigError, DataError
+from medsec.mpc.arithmetic import Arithmetic, ShareError, arithmetic_from
 
-RING_BITS = 64
-MAX_FRAC_BITS = 20
-FAILURE_BITS = 30
-"""A local truncation fails (a wrong value) with probability at most 2^-FAILURE_BITS per value: about
-one in 400 runs over PneumoniaMNIST's 624 test images through the default he_cnn."""
 MAX_MESSAGE = 256 << 20
 """Largest message a party accepts (bytes)."""
 MAX_BATCH = 4096
@@ -82,67 +76,10 @@ class Program:
         return x
 
 
-class ShareError(DataError):
-    """A malformed or mismatched message between the client and the servers; names the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-# ---- fixed point in Z_2^64 -------------------------------------------------------------------
-def encode(x: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Reals as ring elements: ``round(x * 2^frac_bits)`` in two's complement."""
-    return np.round(np.asarray(x, dtype=np.float64) * 2.0 ** frac_bits).astype(np.int64).view(np.uint64)
-
-
-def decode(v: np.ndarray, frac_bits: int) -> np.ndarray:
-    return v.view(np.int64).astype(np.float64) / 2.0 ** frac_bits
-
-
-def random_ring(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Uniform elements of Z_2^64."""
-    return rng.integers(0, 2 ** 64, size=shape, dtype=np.uint64, endpoint=False)
-
-
-def share(v: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def share(arithmetic: Arithmetic, v: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Two additive shares of ring elements ``v``: each alone is uniform."""
-    first = random_ring(v.shape, rng)
-    return first, v - first
-
-
-def truncate(value: np.ndarray, party: int, frac_bits: int) -> np.ndarray:
-    """A party's share of ``x / 2^frac_bits`` from its share of ``x`` (local, no communication)."""
-    signed = value.view(np.int64)
-    out = signed >> frac_bits if party == 0 else -((-signed) >> frac_bits)
-    return out.view(np.uint64)
-
-
-def plan_fraction_bits(program: Program) -> int:
-    """The most fractional bits (at most ``MAX_FRAC_BITS``) for which every value of ``program``
-    (bounded by its calibrated ``max_abs``) truncates wrongly with probability at most 2^-FAILURE_BITS:
-    a value at scale 2^(2f) must keep ``RING_BITS - 1 - FAILURE_BITS`` bits of headroom."""
-    magnitude = math.ceil(math.log2(max(program.max_abs, 1.0)))
-    frac = (RING_BITS - 2 - FAILURE_BITS - magnitude) // 2
-    if frac < 6:
-        raise ConfigError(f"secret sharing: the model's values reach {program.max_abs:.3g}, which leaves {frac} "
-                          "fractional bits in a 64-bit ring (at least 6 needed); rescale the model")
-    return min(frac, MAX_FRAC_BITS)
-
-
-def error_bound(program: Program, frac_bits: int, x: np.ndarray) -> np.ndarray:
-    """Per image and logit, a bound on |shared - plaintext| for the images ``x`` ([n, C*H*W]):
-    fixed-point rounding of the input and weights (half a unit, 2^-f, each) and one unit per
-    truncation, carried through the layers with the plaintext values (interval arithmetic)."""
-    ulp = 2.0 ** -frac_bits
-    err = np.full(x.shape, ulp / 2)
-    for layer in program.layers:
-        if layer.kind == "affine":
-            err = err @ np.abs(layer.matrix) + (np.abs(x) + err).sum(axis=1, keepdims=True) * ulp / 2 + 2 * ulp
-        else:
-            err = 2 * np.abs(x) * err + err * err + ulp
-        x = layer.apply(x)
-    return err
+    first = arithmetic.random(v.shape, rng)
+    return first, arithmetic.reduce(v - first)
 
 
 # ---- the dealer ------------------------------------------------------------------------------
@@ -157,14 +94,15 @@ def square_widths(program: Program) -> list[int]:
     return widths
 
 
-def beaver_pairs(program: Program, batch: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def beaver_pairs(program: Program, arithmetic: Arithmetic, batch: int,
+                 rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each server's shares of a Beaver pair ``(a, a^2)`` per square layer (a triple with a = b):
     ``[a_0, sq_0, a_1, sq_1, ...]`` for server 0 and server 1."""
     servers: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     for width in square_widths(program):
-        a = random_ring((batch, width), rng)
-        for value in (a, a * a):
-            first, second = share(value, rng)
+        a = arithmetic.random((arithmetic.words, batch, width), rng)
+        for value in (a, arithmetic.mul(a, a)):
+            first, second = share(arithmetic, value, rng)
             servers[0].append(first)
             servers[1].append(second)
     return servers
@@ -173,31 +111,40 @@ def beaver_pairs(program: Program, batch: int, rng: np.random.Generator) -> tupl
 # ---- a server's evaluation -------------------------------------------------------------------
 @dataclass
 class Party:
-    """One server: its index, the program with fixed-point weights, and its channel to the other."""
+    """One server: its index, the program and the number system it computes in."""
 
     index: int
     program: Program
-    frac_bits: int
+    arithmetic: Arithmetic
 
     def __post_init__(self) -> None:
-        self.weights = [(encode(layer.matrix, self.frac_bits), encode(layer.bias, 2 * self.frac_bits))
-                        if layer.kind == "affine" else None for layer in self.program.layers]
+        self.weights = self.arithmetic.weights(self.program)
 
     def evaluate(self, x: np.ndarray, pairs: Sequence[np.ndarray], peer: Channel) -> np.ndarray:
         """This party's share of the logits from its share ``x`` of the images."""
-        pairs = list(pairs)
-        for layer, weights in zip(self.program.layers, self.weights, strict=True):
+        ar, pairs, mine_only = self.arithmetic, list(pairs), self.index == 0
+        for weights in self.weights:
             if weights is not None:
                 matrix, bias = weights
-                x = x @ matrix + (bias if self.index == 0 else np.uint64(0))
+                x = ar.reduce(np.matmul(x, matrix) + (bias if mine_only else 0))
             else:
                 a, square = pairs.pop(0), pairs.pop(0)
-                mine = x - a
-                peer.send({"opening": mine})
-                e = mine + peer.receive({"opening": mine.shape})["opening"]  # e = x - a: uniform
-                x = 2 * e * a + square + (e * e if self.index == 0 else np.uint64(0))
-            x = truncate(x, self.index, self.frac_bits)
+                mine = ar.reduce(x - a)
+                e = ar.reduce(mine + self.exchange(mine, peer))  # x - a: uniform, says nothing of x
+                x = ar.reduce(2 * ar.mul(e, a) + square + (ar.mul(e, e) if mine_only else 0))
+            x = ar.after(x, self.index)
         return x
+
+
+    def exchange(self, mine: np.ndarray, peer: Channel) -> np.ndarray:
+        """Send this party's opening and receive the other's: server 0 sends first, server 1 reads
+        first, so that two large openings never wait on each other's full socket buffers."""
+        if self.index == 0:
+            peer.send({"opening": mine})
+        theirs = self.arithmetic.check(peer.receive({"opening": mine.shape})["opening"], f"{peer.name}.opening")
+        if self.index == 1:
+            peer.send({"opening": mine})
+        return theirs
 
 
 # ---- messages ----------------------------------------------------------------------------------
@@ -279,9 +226,10 @@ class Channel:
 
 
 # ---- the two servers -------------------------------------------------------------------------
-def save_program(program: Program, path: Path) -> Path:
-    """The program's layers as an ``.npz`` (no pickle): what both servers load."""
+def save_program(program: Program, arithmetic: Arithmetic, path: Path) -> Path:
+    """The program's layers and the number system as an ``.npz`` (no pickle): what both servers load."""
     arrays: dict[str, np.ndarray] = {"input_shape": np.array(program.input_shape), "max_abs": np.array(program.max_abs),
+                                     "arithmetic": np.array(json.dumps(arithmetic.params())),
                                      "num_classes": np.array(program.num_classes),
                                      "kinds": np.array([layer.kind == "affine" for layer in program.layers])}
     for i, layer in enumerate(program.layers):
@@ -291,19 +239,21 @@ def save_program(program: Program, path: Path) -> Path:
     return path
 
 
-def load_program(path: Path) -> Program:
+def load_program(path: Path) -> tuple[Program, Arithmetic]:
     with np.load(path, allow_pickle=False) as data:
         layers = [Layer("affine", data[f"matrix{i}"], data[f"bias{i}"]) if affine else Layer("square")
                   for i, affine in enumerate(data["kinds"])]
-        return Program(layers, tuple(int(d) for d in data["input_shape"]), int(data["num_classes"]),
-                         float(data["max_abs"]))
+        program = Program(layers, tuple(int(d) for d in data["input_shape"]), int(data["num_classes"]),
+                          float(data["max_abs"]))
+        return program, arithmetic_from(json.loads(str(data["arithmetic"])))
 
 
-def batch_shapes(program: Program, batch: int) -> dict[str, tuple[int, ...]]:
+def batch_shapes(program: Program, words: int, batch: int) -> dict[str, tuple[int, ...]]:
     """What a server expects from the client for ``batch`` images: its image shares and its
-    shares of a Beaver pair per square layer."""
+    shares of a Beaver pair per square layer, each ``[words, batch, width]``."""
     pairs = [w for w in square_widths(program) for _ in range(2)]
-    return {"x": (batch, int(np.prod(program.input_shape))), **{f"pair{i}": (batch, w) for i, w in enumerate(pairs)}}
+    return {"x": (words, batch, int(np.prod(program.input_shape))),
+            **{f"pair{i}": (words, batch, w) for i, w in enumerate(pairs)}}
 
 
 def _listen(port: int) -> socket.socket:
@@ -330,17 +280,18 @@ def serve(program_path: Path, index: int, client_port: int, peer_port: int) -> N
     """Server ``index``: connect to the other server (server 0 listens on ``peer_port``), then
     answer the client's batches on ``client_port`` until the client closes the connection. A
     malformed batch is answered with an error naming the field, and the server goes on."""
-    program = load_program(program_path)
-    party = Party(index, program, plan_fraction_bits(program))
+    program, arithmetic = load_program(program_path)
+    party = Party(index, program, arithmetic)
     peer = Channel(_listen(peer_port) if index == 0 else _connect(peer_port), f"server{1 - index}")
     client = Channel(_listen(client_port), "client")
     while (shapes := client.header(eof_ok=True)) is not None:
         try:
-            batch = shapes.get("x", [0])[0]
-            if not isinstance(batch, int) or not 0 < batch <= MAX_BATCH:
+            batch = (shapes.get("x") or [0, 0])[1:2] or [0]
+            if not isinstance(batch[0], int) or not 0 < batch[0] <= MAX_BATCH:
                 client.arrays(shapes, {})  # reads the body; names the mismatch
-                raise ShareError("client.x", f"a batch of 1 to {MAX_BATCH} images, got {batch!r}")
-            arrays = client.arrays(shapes, batch_shapes(program, batch))
+                raise ShareError("client.x", f"a batch of 1 to {MAX_BATCH} images, got {shapes.get('x')!r}")
+            arrays = {name: arithmetic.check(value, f"client.{name}") for name, value in
+                      client.arrays(shapes, batch_shapes(program, arithmetic.words, batch[0])).items()}
         except ShareError as err:
             client.send({}, error=str(err))
             continue
@@ -351,24 +302,25 @@ def serve(program_path: Path, index: int, client_port: int, peer_port: int) -> N
 # ---- the client --------------------------------------------------------------------------------
 class SecretSharedInference:
     """The client of two secret-sharing servers (and their dealer): shares images, sends each
-    server its shares and Beaver pairs, adds the logit shares. Counts bytes and seconds."""
+    server its shares and Beaver pairs, adds the logit shares. Counts bytes."""
 
-    def __init__(self, program: Program, ports: Sequence[int], seed: int | None = None) -> None:
-        self.program, self.frac_bits = program, plan_fraction_bits(program)
+    def __init__(self, program: Program, arithmetic: Arithmetic, ports: Sequence[int], seed: int | None = None) -> None:
+        self.program, self.arithmetic = program, arithmetic
         self.rng = np.random.default_rng(seed)
         self.servers = [Channel(_connect(port), f"server{i}") for i, port in enumerate(ports)]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits ``[n, classes]`` of ``[n, C, H, W]`` images in [0, 1]."""
-        x = encode(np.asarray(images, dtype=np.float64).reshape(len(images), -1), self.frac_bits)
-        if x.shape[1] != int(np.prod(self.program.input_shape)):
+        if tuple(images.shape[1:]) != tuple(self.program.input_shape):
             raise ShareError("images", f"shape {list(images.shape[1:])}, the model takes {list(self.program.input_shape)}")
-        shares, pairs = share(x, self.rng), beaver_pairs(self.program, len(x), self.rng)
+        ar = self.arithmetic
+        x = ar.encode_input(np.asarray(images, dtype=np.float64).reshape(len(images), -1))
+        shares, pairs = share(ar, x, self.rng), beaver_pairs(self.program, ar, len(images), self.rng)
         for server, mine, own_pairs in zip(self.servers, shares, pairs, strict=True):
             server.send({"x": mine, **{f"pair{i}": p for i, p in enumerate(own_pairs)}})
-        expected = {"logits": (len(x), self.program.num_classes)}
-        total = sum(server.receive(expected)["logits"] for server in self.servers)
-        return decode(total, self.frac_bits)
+        expected = {"logits": (ar.words, len(images), self.program.num_classes)}
+        parts = [ar.check(server.receive(expected)["logits"], f"{server.name}.logits") for server in self.servers]
+        return ar.decode(ar.reduce(parts[0] + parts[1]))
 
     @property
     def bytes_sent(self) -> int:
@@ -380,10 +332,11 @@ class SecretSharedInference:
 
 
 @contextmanager
-def two_servers(program: Program, work: Path, ports: Sequence[int]) -> Iterator[list[subprocess.Popen]]:
+def two_servers(program: Program, arithmetic: Arithmetic, work: Path,
+                ports: Sequence[int]) -> Iterator[list[subprocess.Popen]]:
     """Both servers as separate processes on loopback (``ports``: client port of server 0, of
     server 1, and the servers' own port); stopped on leaving."""
-    path = save_program(program, work / "program.npz")
+    path = save_program(program, arithmetic, work / "program.npz")
     processes = [subprocess.Popen([sys.executable, "-m", "medsec.mpc.secret_sharing", str(path), str(index),
                                    str(ports[index]), str(ports[2])]) for index in (0, 1)]
     try:

@@ -15,7 +15,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import CumulativeIterationMetric, DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
-from medsec.errors import ConfigError
+from medsec.errors import ConfigError, DataError
 from medsec.tasks.base import BaseTask
 from medsec.tasks.objective import AttackObjective, segmentation_objective
 from medsec.utils.outputs import OutputWriter
@@ -26,6 +26,17 @@ EMPTY_MASK_WARNING = r".*is all 0, this may result in nan/inf distance"
 def metric_slug(name: str) -> str:
     """A class name as it appears in metric names: ``"Anterior"`` -> ``anterior``."""
     return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+
+
+def voxel_spacing(affine: torch.Tensor, spatial_dims: int, case: str) -> list[float]:
+    """The size of a voxel along each of the first ``spatial_dims`` axes, in the affine's world units
+    (mm for NIfTI and DICOM): the lengths of the affine's columns, whatever its rotation. Sources
+    without geometry (synthetic arrays, PNG/JPEG files) carry the identity affine: 1 mm per pixel."""
+    spacing = torch.linalg.vector_norm(affine[:-1, :spatial_dims].double(), dim=0)
+    if not (torch.isfinite(spacing).all() and (spacing > 0).all()):
+        raise DataError(f"case {case}: its affine gives voxel spacing {spacing.tolist()}; every axis needs a "
+                        "positive, finite size")
+    return spacing.tolist()
 
 
 def class_means(metric: CumulativeIterationMetric) -> torch.Tensor:
@@ -45,7 +56,8 @@ class SegmentationTask(BaseTask):
     Trains on (cropped) images with Dice + cross-entropy; validates and tests on whole images
     with sliding-window inference. Logs ``train/loss``, ``{val,test}/loss``,
     ``{val,test}/dice_<class>``, ``{val,test}/dice_mean``, ``val/dice_mean_best`` and, on test,
-    ``test/hd95_<class>`` and ``test/hd95_mean`` (95th-percentile Hausdorff distance in voxels).
+    ``test/hd95_mm_<class>`` and ``test/hd95_mm_mean`` (95th-percentile Hausdorff distance in mm, from
+    each test image's voxel spacing: :func:`voxel_spacing`).
     Background is excluded from every metric; a case without a class in its ground truth does not
     count towards that class's mean. After testing, :meth:`save_test_outputs` writes one NIfTI
     prediction per case (with the input's affine) and PNG overlays of the first cases. Under DDP,
@@ -143,10 +155,12 @@ class SegmentationTask(BaseTask):
         pred_1h, target_1h = one_hot(prediction, self.out_channels), one_hot(target, self.out_channels)
         getattr(self, f"{stage}_dice")(pred_1h, target_1h)
         if stage == "test":
+            spacing = [voxel_spacing(affine, self.hparams.spatial_dims, case)
+                       for affine, case in zip(batch["affine"], batch["id"])]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=EMPTY_MASK_WARNING)
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-                self.test_hd95(pred_1h, target_1h)
+                self.test_hd95(pred_1h, target_1h, spacing=spacing)
         self.log(f"{stage}/loss", self.loss_fn(logits, target), on_epoch=True, prog_bar=stage == "val",
                  batch_size=len(target), sync_dist=True)
         return prediction
@@ -188,7 +202,7 @@ class SegmentationTask(BaseTask):
         self.test_cases = []
 
     def on_test_epoch_end(self) -> None:
-        values = self._per_class(self.test_dice, "dice") | self._per_class(self.test_hd95, "hd95")
+        values = self._per_class(self.test_dice, "dice") | self._per_class(self.test_hd95, "hd95_mm")
         self.log_dict({f"test/{k}": v for k, v in values.items()})
         self.test_cases = self.gather_rows(self.test_cases, key=lambda case: case["id"])
 

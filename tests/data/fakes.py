@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
 def shared_data(name: str) -> Path:
@@ -103,30 +103,44 @@ def write_png(path: Path, size: int = 20, rgb: bool = False) -> Path:
     return path
 
 
-def write_dicom(path: Path, bits: int = 16, size: int = 20) -> Path:
-    """A MONOCHROME2 secondary-capture DICOM with 8- or 16-bit unsigned pixels."""
-    dtype = np.uint8 if bits == 8 else np.uint16
-    pixels = gradient((size, size), high=255 if bits == 8 else 4000).astype(dtype)
+def dicom_dataset(pixels: np.ndarray, sop_class: str = SecondaryCaptureImageStorage, **attributes: object) -> pydicom.Dataset:
+    """A single-frame DICOM data set of unsigned or signed integer ``pixels`` (rows, columns), with
+    a patient, study and series, a plane at the origin (``attributes`` override any of it)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID = "OT", "P0"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "OT", "P0", "Test^Patient", "", "O"
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20260101", "120000", "", ""
+    ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, 1, "medsec tests"
     ds.Rows, ds.Columns = pixels.shape
     ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]
     ds.PixelSpacing = [1, 1]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
+    for name, value in attributes.items():
+        setattr(ds, name, value)
     ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def save_dicom(ds: pydicom.Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_dicom(path: Path, bits: int = 16, size: int = 20) -> Path:
+    """A MONOCHROME2 secondary-capture DICOM with 8- or 16-bit unsigned pixels."""
+    dtype = np.uint8 if bits == 8 else np.uint16
+    pixels = gradient((size, size), high=255 if bits == 8 else 4000).astype(dtype)
+    return save_dicom(dicom_dataset(pixels), path)
 
 
 def write_nifti(path: Path, size: int = 20) -> Path:
@@ -194,3 +208,45 @@ def write_data_dir(root: Path) -> Path:
     write_nih(root / "nih_cxr14_sample", nih_rows(patients=10))
     write_decathlon(root / "msd_hippocampus", cases=10, shape=(40, 56, 40))
     return root
+
+
+OBLIQUE = (0.0, 0.8, -0.6, 0.0, 0.6, 0.8)
+"""A slice orientation (row direction, then column direction) tilted about the x axis."""
+
+
+def write_dicom_series(folder: Path, hu: np.ndarray, spacing: Sequence[float] = (0.8, 0.7), step: float = 2.5,
+                       origin: Sequence[float] = (-20.0, -15.0, 30.0), orientation: Sequence[float] = OBLIQUE,
+                       slope: float = 2.0, intercept: float = -1024.0, seed: int = 0) -> list[Path]:
+    """A CT series of the volume ``hu`` (rows, columns, slices; Hounsfield units, stored as int16
+    through ``slope`` and ``intercept``). Slice k lies at ``origin + k * step * normal``; file
+    names and instance numbers follow a random order, not the position."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    order = np.random.default_rng(seed).permutation(hu.shape[2])
+    paths = []
+    for k in range(hu.shape[2]):
+        stored = np.rint((hu[..., k] - intercept) / slope).astype(np.int16)
+        ds = dicom_dataset(stored, CTImageStorage, Modality="CT", SeriesInstanceUID=series, StudyInstanceUID=study,
+                           FrameOfReferenceUID=frame, InstanceNumber=int(order[k]) + 1,
+                           ImagePositionPatient=[float(v) for v in np.asarray(origin) + k * step * normal],
+                           ImageOrientationPatient=[float(v) for v in orientation], PixelSpacing=list(spacing),
+                           SliceThickness=step, RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="HU")
+        paths.append(save_dicom(ds, folder / f"slice{order[k]:03d}.dcm"))
+    return paths
+
+
+def write_image_masks(root: Path, count: int = 12, size: int = 16) -> Path:
+    """``root/pairs.csv`` (image, mask, split) listing ``count`` grey PNG images, each with a PNG
+    mask of one bright square (value 1), 2/3 train and 1/6 val and test each."""
+    rows = []
+    for i in range(count):
+        mask = np.zeros((size, size), np.uint8)
+        mask[2 + i % 4:8 + i % 4, 3:9] = 1
+        image = (60 + 150 * mask + np.random.default_rng(i).integers(0, 30, mask.shape)).astype(np.uint8)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+        split = "train" if i < 2 * count // 3 else "val" if i < 5 * count // 6 else "test"
+        rows.append([f"images/{i}.png", f"masks/{i}.png", split])
+    return write_csv(root / "pairs.csv", ["image", "mask", "split"], rows)

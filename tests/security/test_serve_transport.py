@@ -121,8 +121,8 @@ def test_medsec_serve_refuses_to_start_on_0000_without_tls(tmp_path: Path, caplo
     from hydra.core.global_hydra import GlobalHydra
 
     from medsec.commands.serve import serve
+    from medsec.errors import user_errors_exit
     from medsec.utils.config import compose_config
-    from medsec.utils.run import user_errors_exit
 
     cfg = compose_config("serve", [f"ckpt_path={tmp_path / 'missing.ckpt'}", "host=0.0.0.0"], output_dir=tmp_path)
     try:

@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medsec.core.registry import register
-from medsec.errors import ConfigError
+from medsec.errors import ConfigError, DataError
 from medsec.tasks import SegmentationTask
+from medsec.tasks.segmentation import voxel_spacing
 from medsec.utils.outputs import OutputWriter
 
 UNET = {"net": {"_target_": "monai.networks.nets.UNet", "channels": [4, 8], "strides": [2], "num_res_units": 0}}
@@ -90,11 +91,11 @@ def test_perfect_prediction_scores_dice_one_and_saves_niftis(tmp_path: Path) -> 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.test(task, dataloaders=_loader(labels, affine), verbose=False)[0]
     expected = {"test/loss", "test/dice_anterior", "test/dice_posterior", "test/dice_mean",
-                "test/hd95_anterior", "test/hd95_posterior", "test/hd95_mean"}
+                "test/hd95_mm_anterior", "test/hd95_mm_posterior", "test/hd95_mm_mean"}
     assert set(metrics) == expected
     for name in ("anterior", "posterior", "mean"):
         assert metrics[f"test/dice_{name}"] == pytest.approx(1.0)
-        assert metrics[f"test/hd95_{name}"] == pytest.approx(0.0)
+        assert metrics[f"test/hd95_mm_{name}"] == pytest.approx(0.0)
 
     task.save_test_outputs(tmp_path, OutputWriter(tmp_path))
     for i in range(3):
@@ -104,6 +105,39 @@ def test_perfect_prediction_scores_dice_one_and_saves_niftis(tmp_path: Path) -> 
     overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     assert overlays == ["case_0.png", "case_1.png"]
     assert (tmp_path / "overlays" / "case_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+ANISOTROPIC = torch.tensor([[0.0, -1, 0, 4], [0.8, 0, 0, -2], [0, 0, 3, 7], [0, 0, 0, 1]], dtype=torch.float64)
+"""A rotated affine whose voxels are 0.8 x 1 x 3 mm (the lengths of its columns, not its diagonal)."""
+
+
+def test_hd95_is_in_millimetres_of_each_images_spacing() -> None:
+    """Two classes, each predicted as a shifted copy of its ground truth, so that every surface
+    distance is known: class 1, a 3x3x1 slab two slices off, is 2 x 3 mm = 6 mm away everywhere;
+    class 2, a 2x2x2 cube three voxels off along the first axis, has surface distances of 2 and 3
+    voxels of 0.8 mm: their 95th percentile is 3 x 0.8 = 2.4 mm (in voxels the two would be 2 and 3)."""
+    target = torch.zeros(1, 1, 14, 12, 10, dtype=torch.long)
+    prediction = torch.zeros_like(target)
+    target[..., 2:5, 2:5, 2], prediction[..., 2:5, 2:5, 4] = 1, 1
+    target[..., 5:7, 7:9, 6:8], prediction[..., 8:10, 7:9, 6:8] = 2, 2
+    register("network", "tests.tasks.test_segmentation.Oracle")
+    task = make(model={"net": {"_target_": "tests.tasks.test_segmentation.Oracle"}}, spatial_dims=3,
+                roi_size=[14, 12, 10])
+    batch = [{"image": prediction[0].float(), "label": target[0], "affine": ANISOTROPIC, "id": "case_0"}]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.test(task, dataloaders=DataLoader(batch, batch_size=1), verbose=False)[0]
+    assert metrics["test/hd95_mm_anterior"] == pytest.approx(6.0)
+    assert metrics["test/hd95_mm_posterior"] == pytest.approx(2.4)
+    assert metrics["test/hd95_mm_mean"] == pytest.approx(4.2)
+
+
+def test_degenerate_spacing_is_refused_naming_the_case() -> None:
+    assert voxel_spacing(ANISOTROPIC, 3, "a") == pytest.approx([0.8, 1.0, 3.0])
+    assert voxel_spacing(torch.eye(4), 2, "b") == [1.0, 1.0]  # no geometry (synthetic, PNG): 1 mm per pixel
+    flat = ANISOTROPIC.clone()
+    flat[:, 2] = 0
+    with pytest.raises(DataError, match=r"case scan_7: its affine gives voxel spacing \[0\.8.*, 1\.0, 0\.0\]"):
+        voxel_spacing(flat, 3, "scan_7")
 
 
 def test_dice_counts_each_class_over_cases_that_have_it() -> None:

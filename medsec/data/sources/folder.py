@@ -148,11 +148,12 @@ class FolderSource(DataSource):
             return self._random_split(records), class_names
         return self._csv_splits(csv, frame[self.split_column], records), class_names
 
-    def _image_path(self, csv: Path, row: int, value: str) -> str:
-        """The row's image path (relative to the CSV's folder); it must exist."""
+    def _image_path(self, csv: Path, row: int, value: str, column: str | None = None) -> str:
+        """The row's image path in ``column`` (default: the image column), relative to the CSV's
+        folder; it must exist."""
         path = csv.parent / value.strip()
         if not value.strip() or not path.is_file():
-            raise DataError(f"{csv} line {row + 2}, column '{self.image_column}': image not found: {path}")
+            raise DataError(f"{csv} line {row + 2}, column '{column or self.image_column}': image not found: {path}")
         return str(path)
 
     def _label(self, csv: Path, row: int, tokens: list[str], class_names: list[str]) -> int | np.ndarray:
