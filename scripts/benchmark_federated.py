@@ -128,10 +128,11 @@ def ckks_contexts(work: Path) -> list[str]:
     """Create the sites' secret and the server's public CKKS context; the overrides that name them."""
     from medsec.federated.he_aggregation import make_site_context, public_context
 
-    site = work / "keys" / "site.ctx"
-    (work / "keys").mkdir(parents=True, exist_ok=True)
-    (work / "keys" / "server.ctx").write_bytes(public_context(make_site_context(site)))
-    return [f"federation.ckks.site_context={site}", f"federation.ckks.public_context={work / 'keys' / 'server.ctx'}"]
+    site, server = work / "keys" / "site.ctx", work / "keys" / "server.ctx"
+    if not (site.exists() and server.exists()):  # an earlier invocation's keys are kept (never overwritten)
+        (work / "keys").mkdir(parents=True, exist_ok=True)
+        server.write_bytes(public_context(make_site_context(site)))
+    return [f"federation.ckks.site_context={site}", f"federation.ckks.public_context={server}"]
 
 
 def cost_rows(model: list[str], args: Any, work: Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsec.core.layers import Layer
 from medsec.errors import ConfigError
 from medsec.he.diagonal import DiagonalPlan, next_pow2, plan_layer
 from medsec.he.planner import CKKSParams, plan_parameters
@@ -23,18 +24,6 @@ from medsec.models.he_cnn import Square
 
 SKIPPED = (nn.Flatten, nn.Dropout, nn.Identity)
 """Layers that do nothing at inference on a flat vector."""
-
-
-@dataclass
-class Layer:
-    """One rescaling step: ``x @ matrix + bias`` (``kind='affine'``) or ``x * x`` (``'square'``)."""
-
-    kind: str
-    matrix: np.ndarray | None = None
-    bias: np.ndarray | None = None
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return x * x if self.kind == "square" else x @ self.matrix + self.bias
 
 
 @dataclass

@@ -23,8 +23,9 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
+from medsec.core.layers import Layer
 from medsec.errors import ConfigError, MedsecError
-from medsec.he.compiler import HEProgram, Layer
+from medsec.he.compiler import HEProgram
 from medsec.he.diagonal import DiagonalPlan
 from medsec.he.planner import CKKSParams
 from medsec.he.wire import (

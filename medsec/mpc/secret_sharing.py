@@ -32,24 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from medsec.core.layers import Layer
 from medsec.mpc.arithmetic import Arithmetic, ShareError, arithmetic_from
 
 MAX_MESSAGE = 256 << 20
 """Largest message a party accepts (bytes)."""
 MAX_BATCH = 4096
 _HEADER = struct.Struct(">I")
-
-
-@dataclass
-class Layer:
-    """``x @ matrix + bias`` (``kind='affine'``) or ``x * x`` (``'square'``)."""
-
-    kind: str
-    matrix: np.ndarray | None = None
-    bias: np.ndarray | None = None
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return x * x if self.kind == "square" else x @ self.matrix + self.bias
 
 
 @dataclass
@@ -66,7 +55,7 @@ class Program:
     def of(cls, compiled: Any) -> Program:
         """From a :class:`medsec.he.compiler.HEProgram` (the same layers; duck-typed, so that the
         servers never import the HE stack)."""
-        return cls([Layer(layer.kind, layer.matrix, layer.bias) for layer in compiled.layers],
+        return cls(list(compiled.layers),
                    tuple(compiled.input_shape), int(compiled.num_classes), float(compiled.max_abs))
 
     def forward(self, x: np.ndarray) -> np.ndarray:

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from medsec.core.layers import Layer
 from medsec.errors import ConfigError
 from medsec.he.testing import free_port, tiny_program
 from medsec.mpc import secret_sharing as ss
 from medsec.mpc.arithmetic import RNS, Arithmetic, Ring64, ShareError
-from medsec.mpc.secret_sharing import Layer, Program
+from medsec.mpc.secret_sharing import Program
 
 
 @pytest.fixture(scope="module")
