@@ -164,9 +164,9 @@ def prepare(cfg: DictConfig) -> Server:
         public = Path(fed.ckks.public_context).expanduser().read_bytes()
         strategy = he_aggregation().CKKSAggregation(strategy, public)
     federated = FederatedStrategy(strategy, model, fed.strategy, fed.rounds, start, state.get("rows"),
-                                  encrypted=secure == "ckks", masked=secure == "secagg+", loggers=round_loggers(cfg, run))
+                                  encrypted=secure == "ckks", masked=secure == "secagg+", loggers=round_loggers(cfg, run),
+                                  best=state.get("best"))
     federated.restore(state.get("server_state") or {})
-    federated.best = state.get("best")
     workflow = SecAggPlusWorkflow(**OmegaConf.to_container(fed.secagg)) if secure == "secagg+" else None
     remaining = fed.rounds - start
     if remaining > 0:

@@ -240,12 +240,12 @@ class FederatedStrategy(Strategy):
 
     def __init__(self, strategy: Strategy, model: GlobalModel, name: str, num_rounds: int, start_round: int = 0,
                  rows: list[dict[str, Any]] | None = None, encrypted: bool = False,
-                 masked: bool = False, loggers: Sequence[Logger] = ()) -> None:
+                 masked: bool = False, loggers: Sequence[Logger] = (), best: dict[str, Any] | None = None) -> None:
         self.strategy, self.model, self.name = strategy, model, name
         self.num_rounds, self.offset, self.encrypted, self.masked = num_rounds, start_round, encrypted, masked
         self.rows: list[dict[str, Any]] = list(rows or [])
         self.loggers, self._logged = list(loggers), start_round if rows else -1
-        self.best: dict[str, Any] | None = None
+        self.best = best  # the best round so far on the run's monitor (resumed from the checkpoint)
         self.traffic = Traffic()
         self.refused: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsec.core.layers import Layer
+from medsec.core.layers import Layer, run_layers
 from medsec.errors import ConfigError
 from medsec.he.diagonal import DiagonalPlan, next_pow2, plan_layer
 from medsec.he.planner import CKKSParams, plan_parameters
@@ -58,9 +58,7 @@ class HEProgram:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Plaintext evaluation in float64 on ``[n, C*H*W]`` pixels; the reference for the
         encrypted result."""
-        for layer in self.layers:
-            x = layer.apply(x)
-        return x
+        return run_layers(self.layers, x)
 
     def plan(self, precision_bits: int, mode: str, batch_size: int = 1) -> CKKSParams:
         """CKKS parameters for ``mode``: ``throughput`` needs a slot per image, ``latency`` the

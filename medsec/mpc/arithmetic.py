@@ -185,16 +185,18 @@ class RNS:
     def encode_input(self, x: np.ndarray) -> np.ndarray:
         return self._residues(_scaled(x, self.frac_bits))
 
+    def integer_layers(self, program: Layered) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Every affine layer in integers: the matrix at scale 2^f, the bias (Python integers) at
+        2^f times its layer's input scale, so that it adds to ``x @ matrix``; ``None`` for a square."""
+        return [(_scaled(layer.matrix, self.frac_bits),
+                 _scaled(layer.bias, self.frac_bits).astype(object) * (scale // 2 ** self.frac_bits))
+                if layer.kind == "affine" else None
+                for layer, scale in zip(program.layers, scales(program, self.frac_bits), strict=True)]
+
     def weights(self, program: Layered) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """Matrices at scale 2^f; a bias at 2^f times its layer's input scale."""
-        out: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for layer, scale in zip(program.layers, scales(program, self.frac_bits), strict=True):
-            if layer.kind != "affine":
-                out.append(None)
-                continue
-            bias = _scaled(layer.bias, self.frac_bits).astype(object) * (scale // 2 ** self.frac_bits)
-            out.append((self._residues(_scaled(layer.matrix, self.frac_bits)), self._residues(bias)[:, None]))
-        return out
+        """:meth:`integer_layers` as residues."""
+        return [None if layer is None else (self._residues(layer[0]), self._residues(layer[1])[:, None])
+                for layer in self.integer_layers(program)]
 
     def random(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
         return rng.integers(0, self._m, size=shape, dtype=np.int64)
@@ -227,12 +229,8 @@ class RNS:
     def reference(self, program: Layered, x: np.ndarray) -> np.ndarray:
         """The quantised model evaluated exactly in Python integers: what the servers compute."""
         v = _scaled(x, self.frac_bits).astype(object)
-        for layer, scale in zip(program.layers, scales(program, self.frac_bits), strict=True):
-            if layer.kind == "affine":
-                v = v.dot(_scaled(layer.matrix, self.frac_bits).astype(object)) \
-                    + _scaled(layer.bias, self.frac_bits).astype(object) * (scale // 2 ** self.frac_bits)
-            else:
-                v = v * v
+        for layer in self.integer_layers(program):
+            v = v * v if layer is None else v.dot(layer[0].astype(object)) + layer[1]
         return _divided(v, self.final_scale)
 
 
@@ -249,13 +247,10 @@ class ShareError(DataError):
         self.field = field
 
 
-ARITHMETIC = {"ring64": Ring64, "rns": RNS}
-
-
 def arithmetic_from(params: dict[str, Any]) -> Arithmetic:
     """The number system ``params`` (from :meth:`params`) describe."""
     if params.get("name") == "ring64":
         return Ring64(params["frac_bits"])
     if params.get("name") == "rns":
         return RNS(params["frac_bits"], params["moduli"], int(params["final_scale"]))
-    raise ConfigError(f"secret sharing: arithmetic must be one of {sorted(ARITHMETIC)}, got {params.get('name')!r}")
+    raise ConfigError(f"secret sharing: arithmetic must be ring64 or rns, got {params.get('name')!r}")

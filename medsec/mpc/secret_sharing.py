@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medsec.core.layers import Layer
+from medsec.core.layers import Layer, run_layers
 from medsec.mpc.arithmetic import Arithmetic, ShareError, arithmetic_from
 
 MAX_MESSAGE = 256 << 20
@@ -60,9 +60,7 @@ class Program:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Plaintext evaluation in float64 on ``[n, C*H*W]``: the reference."""
-        for layer in self.layers:
-            x = layer.apply(x)
-        return x
+        return run_layers(self.layers, x)
 
 
 def share(arithmetic: Arithmetic, v: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -275,12 +273,13 @@ def serve(program_path: Path, index: int, client_port: int, peer_port: int) -> N
     client = Channel(_listen(client_port), "client")
     while (shapes := client.header(eof_ok=True)) is not None:
         try:
-            batch = (shapes.get("x") or [0, 0])[1:2] or [0]
-            if not isinstance(batch[0], int) or not 0 < batch[0] <= MAX_BATCH:
+            x = shapes.get("x")
+            batch = x[1] if isinstance(x, list) and len(x) == 3 else None  # [words, batch, width]
+            if not isinstance(batch, int) or not 0 < batch <= MAX_BATCH:
                 client.arrays(shapes, {})  # reads the body; names the mismatch
-                raise ShareError("client.x", f"a batch of 1 to {MAX_BATCH} images, got {shapes.get('x')!r}")
+                raise ShareError("client.x", f"a batch of 1 to {MAX_BATCH} images, got shape {x!r}")
             arrays = {name: arithmetic.check(value, f"client.{name}") for name, value in
-                      client.arrays(shapes, batch_shapes(program, arithmetic.words, batch[0])).items()}
+                      client.arrays(shapes, batch_shapes(program, arithmetic.words, batch)).items()}
         except ShareError as err:
             client.send({}, error=str(err))
             continue
