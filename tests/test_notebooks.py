@@ -150,6 +150,7 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
                           re.MULTILINE)
         assert found, "the new-modality notebook did not print its final line"
         assert found.group(3) == found.group(4) == "4", "predict did not write a NIfTI and a DICOM SEG per scan"
-        assert float(found.group(2)) > float(found.group(1)), "fine-tuning on the CT folder did not improve on the source model"
+        assert float(found.group(2)) > max(0.6, float(found.group(1)) + 0.2), \
+            "fine-tuning on the CT folder did not improve clearly on the source model"
         images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
         assert len(images) == 4, f"expected one overlay per scan, got {len(images)}"
