@@ -38,3 +38,23 @@ def test_he_latency_report(he_checkpoint: Path, tmp_path: Path) -> None:
 def test_he_rejects_an_unknown_mode(he_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mode must be one of"):
         run_verb("he", [f"ckpt_path={he_checkpoint}", "mode=fast"], tmp_path)
+
+
+def test_bfv_equals_the_quantised_model_exactly(he_checkpoint: Path, tmp_path: Path) -> None:
+    report = run_verb("he", [f"ckpt_path={he_checkpoint}", "scheme=bfv", "mode=throughput", "max_images=8",
+                             "calibration_images=64"], tmp_path)
+    assert report["scheme"] == "bfv" and report["images"] == 8
+    assert report["max_abs_error_vs_compiled"] == 0.0  # the quantised model's logits, bit for bit
+    assert report["encrypted"] == report["compiled"]
+    assert report["max_abs_logit_error"] < 0.5  # 6-bit weights: close to the float network, not equal
+    assert report["server_context_has_secret_key"] is False
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheme=bfv", "+bfv.bits=3"], "bfv: .*unexpected keyword argument 'bits'"),
+    (["scheme=bfv", "remote=https://127.0.0.1:1"], "remote: `medsec serve` speaks CKKS"),
+    (["scheme=paillier2"], "unknown homomorphic scheme 'paillier2'"),
+])
+def test_he_refuses_bad_scheme_settings(he_checkpoint: Path, tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_verb("he", [f"ckpt_path={he_checkpoint}", "max_images=2", "calibration_images=16", *overrides], tmp_path)

@@ -64,6 +64,13 @@ def test_eval_reproduces_the_test_metrics(trained_run: Path, tmp_path: Path) -> 
     assert (tmp_path / "plots" / "roc_curves.png").is_file()
 
 
+def test_an_output_dir_that_does_not_exist_yet_is_made(trained_run: Path, tmp_path: Path) -> None:
+    target = tmp_path / "new" / "run"  # `medsec eval paths.output_dir=...` from a shell, before any mkdir
+    metrics = run_verb("eval", [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"paths.output_dir={target}",
+                                "callbacks.rich_progress_bar=null"], tmp_path / "hydra")
+    assert read_metrics(target) == metrics and (target / "config.yaml").is_file()
+
+
 def test_eval_rejects_other_class_set(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="differ from the checkpoint"):
         run_verb("eval", [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", "data=synthetic",

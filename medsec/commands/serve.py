@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from medsec.core.app import hydra_app
 from medsec.core.run import Run
+from medsec.errors import ConfigError
 from medsec.he import HEProgram
 from medsec.he.schemes import get_scheme
 from medsec.he.service import build_app, serve_settings
@@ -20,6 +21,8 @@ log = logging.getLogger("medsec.serve")
 
 def load_program(cfg: DictConfig) -> HEProgram:
     """The checkpoint's model compiled for CKKS, calibrated on its training images."""
+    if cfg.scheme != "ckks":
+        raise ConfigError(f"scheme: `medsec serve` speaks CKKS; scheme={cfg.scheme} runs with `medsec he` in one process")
     run = Run.open(cfg)
     calibration, _ = run.images("train", cfg.calibration_images)
     return get_scheme(cfg.scheme).compile(run.task.net.eval(), calibration)

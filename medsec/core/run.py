@@ -107,6 +107,7 @@ class Run:
     def _start(cfg: DictConfig) -> Path:
         L.seed_everything(cfg.seed, workers=True)
         out_dir = Path(cfg.paths.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)  # paths.output_dir=... from the command line may not exist yet
         save_resolved_config(cfg, out_dir)
         return out_dir
 

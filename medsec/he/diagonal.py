@@ -84,17 +84,33 @@ class DiagonalPlan(Generic[V]):
         return ops.add_plain(total, (self.name, "bias"), self.bias)
 
 
+def _geometry(n_in: int, n_out: int) -> tuple[int, int, int, int]:
+    """The input period ``n``, output period ``m``, baby and giant steps of an ``n_in -> n_out`` layer."""
+    m = next_pow2(n_out)
+    baby = 1 << math.ceil(math.log2(m) / 2)
+    return max(next_pow2(n_in), m), m, baby, -(-m // baby)
+
+
+def rotation_steps(shapes: list[tuple[int, int]]) -> list[int]:
+    """Every rotation (in slots, all powers of two) the layers of these ``[n_in, n_out]`` shapes
+    take: one slot and the giant step in the products, then the folds. A client needs Galois keys
+    for these only."""
+    steps = set()
+    for n_in, n_out in shapes:
+        n, m, baby, giant = _geometry(n_in, n_out)
+        steps |= ({1} if baby > 1 else set()) | ({baby} if giant > 1 else set())
+        steps |= {n >> k for k in range(1, int(math.log2(n // m)) + 1)}
+    return sorted(steps)
+
+
 def plan_layer(name: str, matrix: np.ndarray, bias: np.ndarray, slots: int) -> DiagonalPlan:
     """Compile ``x @ matrix + bias`` for vectors of ``slots`` slots (a power of two)."""
     n_in, n_out = matrix.shape
-    m = next_pow2(n_out)
-    n = max(next_pow2(n_in), m)
+    n, m, baby, giant = _geometry(n_in, n_out)
     if slots % n:
         raise ConfigError(f"model: layer {name} needs {n} slots per image, the ciphertext has {slots}")
     padded = np.zeros((n, m))
     padded[:n_in, :n_out] = matrix
-    baby = 1 << math.ceil(math.log2(m) / 2)
-    giant = -(-m // baby)
     j = np.arange(n)
     diagonals = {}
     for i in range(m):

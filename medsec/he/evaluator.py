@@ -84,6 +84,9 @@ class HEServer:
         self._plaintexts: dict[tuple, sealapi.Plaintext] = {}  # encoded diagonals, reused across requests
         log.info("public context loaded (%d slots, %d levels; no secret key)", self.slots, self.levels)
 
+    def has_secret_key(self) -> bool:
+        return self.context.has_secret_key()
+
     def evaluate(self, mode: str, blobs: Sequence[bytes], cancel: threading.Event | None = None) -> list[bytes]:
         """Encrypted logits for the ciphertexts in ``blobs`` (see the module doc for the layout).
 

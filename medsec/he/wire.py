@@ -302,35 +302,43 @@ def inspect_context(data: bytes, max_inflated: int, field: str = "context") -> i
     return total
 
 
-def load_public_context(data: bytes, expected: Mapping[str, CKKSParams] | None = None,
-                        max_inflated: int | None = None) -> ts.Context:
-    """A server-side context; refuses one that holds a secret key (:class:`SecretKeyRefused`), is
-    not CKKS, has no global scale, lacks the relinearisation keys the evaluation needs or (with
-    ``expected``, the model card's parameters per mode) matches none of the card's modes. With
-    ``max_inflated``, :func:`inspect_context` bounds its decompressed size first."""
+def load_context(data: bytes, max_inflated: int | None = None, field: str = "context") -> ts.Context:
+    """A client's public TenSEAL context, of any scheme: bounded first with ``max_inflated``
+    (:func:`inspect_context`), refused when it holds a secret key (:class:`SecretKeyRefused`) or
+    lacks the relinearisation keys every evaluation needs."""
     if max_inflated is not None:
-        inspect_context(data, max_inflated)
+        inspect_context(data, max_inflated, field)
     try:
         context = ts.context_from(data)
     except Exception as err:  # TenSEAL raises plain ValueError/RuntimeError on bad protobufs
-        raise HEInputError("context", f"not a serialized TenSEAL context ({type(err).__name__})") from None
+        raise HEInputError(field, f"not a serialized TenSEAL context ({type(err).__name__})") from None
     try:
-        has_secret = context.has_secret_key()
-        params = context_parameters(context)
-        has_relin = context.has_relin_keys()
+        has_secret, has_relin = context.has_secret_key(), context.has_relin_keys()
     except Exception as err:  # a context TenSEAL loaded but cannot describe
-        raise HEInputError("context", f"unusable TenSEAL context ({type(err).__name__})") from None
+        raise HEInputError(field, f"unusable TenSEAL context ({type(err).__name__})") from None
     if has_secret:
-        raise SecretKeyRefused("context: holds a secret key; send the public context "
+        raise SecretKeyRefused(f"{field}: holds a secret key; send the public context "
                                "(serialize(save_secret_key=False)) and keep the secret key on the client")
+    if not has_relin:
+        raise HEInputError(field, "has no relinearisation keys")
+    return context
+
+
+def load_public_context(data: bytes, expected: Mapping[str, CKKSParams] | None = None,
+                        max_inflated: int | None = None) -> ts.Context:
+    """A server-side CKKS context (:func:`load_context`) with a global scale and (with
+    ``expected``, the model card's parameters per mode) the parameters of one of the card's modes."""
+    context = load_context(data, max_inflated)
+    try:
+        params = context_parameters(context)
+    except Exception as err:
+        raise HEInputError("context", f"unusable TenSEAL context ({type(err).__name__})") from None
     if params["scheme"] != "CKKS":  # TenSEAL's and sealapi's SCHEME_TYPE enums do not compare equal
         raise HEInputError("context", f"scheme {params['scheme']}, the model needs CKKS")
     scale = params["scale"]
     if scale is None or not math.isfinite(scale) or scale <= 1:
         raise HEInputError("context", f"global scale {_scale_text(scale)}; set context.global_scale as the "
                                       "model card says (2^scale_bits)")
-    if not has_relin:
-        raise HEInputError("context", "has no relinearisation keys")
     if expected is not None:
         matching_modes(context, expected)
     return context

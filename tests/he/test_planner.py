@@ -43,8 +43,9 @@ def test_params_round_trip_and_bad_dict() -> None:
 
 def test_schemes_are_chosen_by_name() -> None:
     from medsec.errors import ConfigError
-    from medsec.he.schemes import CKKS, get_scheme
+    from medsec.he.schemes import BFV, CKKS, get_scheme
 
     assert isinstance(get_scheme("ckks"), CKKS) and get_scheme("ckks").modes == ("throughput", "latency")
-    with pytest.raises(ConfigError, match="scheme: unknown homomorphic scheme 'bfv'; one of \\['ckks'\\]"):
-        get_scheme("bfv")
+    assert get_scheme("bfv", weight_bits=5).weight_bits == 5 and isinstance(get_scheme("bfv"), BFV)
+    with pytest.raises(ConfigError, match="scheme: unknown homomorphic scheme 'tfhe'; one of \\['bfv', 'ckks'\\]"):
+        get_scheme("tfhe")
