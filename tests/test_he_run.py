@@ -58,3 +58,12 @@ def test_bfv_equals_the_quantised_model_exactly(he_checkpoint: Path, tmp_path: P
 def test_he_refuses_bad_scheme_settings(he_checkpoint: Path, tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         run_verb("he", [f"ckpt_path={he_checkpoint}", "max_images=2", "calibration_images=16", *overrides], tmp_path)
+
+
+def test_paillier_evaluates_the_linear_head_on_encrypted_features(he_checkpoint: Path, tmp_path: Path) -> None:
+    report = run_verb("he", [f"ckpt_path={he_checkpoint}", "scheme=paillier", "paillier.key_bits=1024", "max_images=4",
+                             "calibration_images=16"], tmp_path)
+    assert json.loads((tmp_path / "he_report.json").read_text()) == report
+    assert report["scheme"] == "paillier" and report["images"] == 4 and report["within_bound"] is True
+    assert report["argmax_agreement"] == 1.0 and report["max_abs_logit_error"] < 1e-5
+    assert report["key_bits"] == 1024 and report["request_bytes_per_image"] > 0

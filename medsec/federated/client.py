@@ -159,8 +159,8 @@ def client_app(cfg: Mapping[str, Any], mods: list[Any]) -> ClientApp:
 
 
 def client_mods(cfg: DictConfig) -> list[Any]:
-    """Flower mods around the site's code: CKKS encryption or SecAgg+ masking outermost, then the
-    clipping of client-level DP (it must see the update before it is masked or encrypted)."""
+    """Flower mods around the site's code: CKKS or Paillier encryption or SecAgg+ masking outermost,
+    then the clipping of client-level DP (it must see the update before it is masked or encrypted)."""
     fed = cfg.federation
     mods: list[Any] = []
     if fed.get("secure_aggregation") == "secagg+":
@@ -169,6 +169,10 @@ def client_mods(cfg: DictConfig) -> list[Any]:
         from medsec.federated.server import he_aggregation
 
         mods.append(he_aggregation().ckks_mod(fed.ckks.site_context))
+    elif fed.get("secure_aggregation") == "paillier":
+        from medsec.federated.server import aggregation_module
+
+        mods.append(aggregation_module("paillier").paillier_mod(fed.paillier.site_key))
     if fed.get("client_dp"):
         mods.append(fixedclipping_mod)
     return mods

@@ -19,11 +19,12 @@ from medsec.federated.client import HOSTILE, client_app, client_mods, forget_sit
 from medsec.federated.privacy import client_level_epsilon
 from medsec.federated.runtime import simulate
 from medsec.federated.server import (
+    ENCRYPTED_AGGREGATION,
     NEEDS_EACH_UPDATE,
     FederatedStrategy,
     GlobalModel,
     build_strategy,
-    he_aggregation,
+    encrypted_strategy,
     sampled_sites,
     server_app,
 )
@@ -32,8 +33,22 @@ from medsec.models.norms import batch_norm_modules
 from medsec.utils.run import instantiate_list, resolved_config
 
 log = logging.getLogger("medsec.federated")
-SECURE_AGGREGATION = (None, "secagg+", "ckks")
+SECURE_AGGREGATION = (None, "secagg+", *ENCRYPTED_AGGREGATION)
+KEY_FILES = {"ckks": ("site_context", "public_context"), "paillier": ("site_key", "public_key")}
+"""The key files encrypted aggregation needs: the sites' secret one and the server's public one."""
 SECAGG_MIN_SITES = 3
+
+
+def check_encrypted(fed: DictConfig, secure: str) -> None:
+    """Refuse what encrypted aggregation (ckks, paillier) cannot do, and missing key files."""
+    if fed.strategy == "fedadam" or fed.get("client_dp"):
+        raise ConfigError(f"federation.secure_aggregation={secure}: the server only adds ciphertexts, so it cannot "
+                          "run FedAdam's optimiser or client-level DP's clipping and noise on the aggregate; use "
+                          "fedavg or fedprox without client_dp")
+    site, server = KEY_FILES[secure]
+    if not (fed.get(secure) and fed[secure].get(site) and fed[secure].get(server)):
+        raise ConfigError(f"federation.secure_aggregation={secure} needs federation.{secure}.{site} (the sites' "
+                          f"secret file) and federation.{secure}.{server} (the server's public one)")
 
 
 def check(cfg: DictConfig) -> None:
@@ -58,13 +73,8 @@ def check(cfg: DictConfig) -> None:
     if secure == "secagg+" and sites < SECAGG_MIN_SITES:
         raise ConfigError(f"federation.secure_aggregation=secagg+ needs at least {SECAGG_MIN_SITES} sites "
                           f"(with two, each site could subtract its own update from the sum); got {sites}")
-    if secure == "ckks" and (fed.strategy == "fedadam" or fed.get("client_dp")):
-        raise ConfigError("federation.secure_aggregation=ckks: the server only adds ciphertexts, so it cannot run "
-                          "FedAdam's optimiser or client-level DP's clipping and noise on the aggregate; use fedavg "
-                          "or fedprox without client_dp")
-    if secure == "ckks" and not (fed.get("ckks") and fed.ckks.get("site_context") and fed.ckks.get("public_context")):
-        raise ConfigError("federation.secure_aggregation=ckks needs federation.ckks.site_context (the sites' secret "
-                          "context file) and federation.ckks.public_context (the server's)")
+    if secure in ENCRYPTED_AGGREGATION:
+        check_encrypted(fed, secure)
     protects = [cfg.get("protect") or {}, *((site.get("protect") or {}) for site in fed.get("sites") or [])]
     if fed.strategy == "fedprox" and any("dp" in protect for protect in protects):
         raise ConfigError("federation.strategy=fedprox with protect=[dp]: the DP optimiser rebuilds the gradient from "
@@ -160,12 +170,11 @@ def prepare(cfg: DictConfig) -> Server:
         log.info("resuming after round %d from %s", start, checkpoint)
     strategy = build_strategy(fed, sites, ndarrays_to_parameters(model.weights()))
     secure = fed.get("secure_aggregation")
-    if secure == "ckks":
-        public = Path(fed.ckks.public_context).expanduser().read_bytes()
-        strategy = he_aggregation().CKKSAggregation(strategy, public)
+    if secure in ENCRYPTED_AGGREGATION:
+        strategy = encrypted_strategy(fed, strategy)
     federated = FederatedStrategy(strategy, model, fed.strategy, fed.rounds, start, state.get("rows"),
-                                  encrypted=secure == "ckks", masked=secure == "secagg+", loggers=round_loggers(cfg, run),
-                                  best=state.get("best"))
+                                  encrypted=secure in ENCRYPTED_AGGREGATION, masked=secure == "secagg+",
+                                  loggers=round_loggers(cfg, run), best=state.get("best"))
     federated.restore(state.get("server_state") or {})
     workflow = SecAggPlusWorkflow(**OmegaConf.to_container(fed.secagg)) if secure == "secagg+" else None
     remaining = fed.rounds - start

@@ -32,8 +32,8 @@ from the server in the clear and passes through, as does a site's answer to the 
 initial parameters (FedAvg without ``initial_parameters``): an initialisation, nothing learnt from data.
 
 Wire format: ``Parameters(tensor_type="medsec.ckks/1", tensors=[header, chunk_1, ...])``; the header
-is JSON ``{"format", "examples", "arrays": [{"shape", "dtype"}, ...]}`` (bounded: at most
-``MAX_ARRAYS`` arrays, ``MAX_VALUES`` values), each chunk a serialized TenSEAL ``CKKSVector`` of
+is the JSON of :mod:`medsec.federated.encrypted_sum` (shared with Paillier aggregation; bounded in
+arrays and values), each chunk a serialized TenSEAL ``CKKSVector`` of
 ``slots`` values (the last one shorter). Every read checks sizes before parsing, including what a
 compressed SEAL object inflates to, and the ciphertexts after (one fresh, non-transparent
 ciphertext at the top level, at the context's scale); a failure names the site and the tensor.
@@ -62,33 +62,25 @@ after every other mod (clipping, ...). It works on the legacy (Client / NumPyCli
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tenseal as ts
-from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import (
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg, Strategy
+from flwr.common import Parameters
+from flwr.server.strategy import FedAvg
 
 from medsec.errors import ConfigError, DataError, SecurityError
+from medsec.federated.encrypted_sum import (
+    EncryptedSum,
+    EncryptionMod,
+    Header,
+    flatten,
+    header_and_payload,
+    header_of,
+)
 from medsec.he.planner import MAX_MODULUS_BITS
 from medsec.he.wire import (
     HEInputError,
@@ -105,14 +97,7 @@ from medsec.protections.keys import read_private_file, write_private_file
 CKKS_TENSOR_TYPE = "medsec.ckks/1"
 """``Parameters.tensor_type`` of encrypted parameters."""
 HEADER_FORMAT = "medsec-ckks/1"
-DTYPES = ("float16", "float32", "float64", "int32", "int64")
-"""Array dtypes carried; integer arrays (BatchNorm's ``num_batches_tracked``) are rounded back."""
-MAX_HEADER_BYTES = 1 << 20
-MAX_ARRAYS = 10_000
-MAX_DIMS = 8
-MAX_VALUES = 1 << 27
-"""At most 134 million parameters per model (about 33,000 ciphertexts of 4096 slots)."""
-MAX_EXAMPLES = 1 << 40
+SCHEME = "CKKS"
 SUM_HEADROOM_BITS = 20
 """A site's weighted values stay below 2^(modulus - scale - 20) bits: room for 2^19 sites' sum."""
 MAX_CONTEXT_BYTES = 64 << 20
@@ -140,78 +125,6 @@ class AggregationParams:
         if sum(self.coeff_mod_bit_sizes[:-1]) - self.scale_bits - SUM_HEADROOM_BITS < 20:
             raise ConfigError(f"ckks.scale_bits {self.scale_bits} leaves no room for the sum in the "
                               f"{sum(self.coeff_mod_bit_sizes[:-1])}-bit data modulus")
-
-
-@dataclass(frozen=True)
-class _Header:
-    """What the plain header of encrypted parameters says."""
-
-    examples: int
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    @property
-    def layout(self) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
-        return self.shapes, self.dtypes
-
-    @property
-    def values(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes)
-
-    def to_bytes(self) -> bytes:
-        arrays = [{"shape": list(shape), "dtype": dtype} for shape, dtype in zip(self.shapes, self.dtypes)]
-        return json.dumps({"format": HEADER_FORMAT, "examples": self.examples, "arrays": arrays},
-                          separators=(",", ":")).encode()
-
-    def split(self, flat: np.ndarray) -> list[np.ndarray]:
-        """``flat`` cut into the header's arrays; integer arrays are rounded."""
-        out, start = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes):
-            part = flat[start:start + math.prod(shape)].reshape(shape)
-            start += part.size
-            out.append((np.rint(part) if dtype.startswith("int") else part).astype(dtype))
-        return out
-
-
-def _check_header(obj: Any, field: str) -> _Header:
-    """A :class:`_Header` from a decoded JSON value, every field checked and bounded."""
-    if not isinstance(obj, dict) or set(obj) != {"format", "examples", "arrays"}:
-        raise HEInputError(field, "not a medsec CKKS header (a JSON object with 'format', 'examples', 'arrays')")
-    if obj["format"] != HEADER_FORMAT:
-        raise HEInputError(field, f"format must be {HEADER_FORMAT!r}, got {str(obj['format'])[:40]!r}")
-    examples = obj["examples"]
-    if type(examples) is not int or not 1 <= examples <= MAX_EXAMPLES:
-        raise HEInputError(field, f"examples must be an integer from 1 to {MAX_EXAMPLES}, got {str(examples)[:40]}")
-    arrays = obj["arrays"]
-    if not isinstance(arrays, list) or len(arrays) > MAX_ARRAYS:
-        raise HEInputError(field, f"arrays must be a list of at most {MAX_ARRAYS} entries")
-    shapes, dtypes, total = [], [], 0
-    for index, entry in enumerate(arrays):
-        where = f"{field} arrays[{index}]"
-        if not isinstance(entry, dict) or set(entry) != {"shape", "dtype"}:
-            raise HEInputError(where, "must be an object with 'shape' and 'dtype'")
-        shape, dtype = entry["shape"], entry["dtype"]
-        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-                or any(type(size) is not int or size < 0 for size in shape)):
-            raise HEInputError(where, f"shape must be a list of at most {MAX_DIMS} non-negative integers")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise HEInputError(where, f"dtype must be one of {list(DTYPES)}, got {str(dtype)[:40]!r}")
-        total += math.prod(shape)
-        if total > MAX_VALUES:
-            raise HEInputError(where, f"more than {MAX_VALUES} values in all")
-        shapes.append(tuple(shape))
-        dtypes.append(dtype)
-    return _Header(examples, tuple(shapes), tuple(dtypes))
-
-
-def _parse_header(blob: bytes, field: str) -> _Header:
-    if len(blob) > MAX_HEADER_BYTES:
-        raise HEInputError(field, f"header of {len(blob)} bytes, more than {MAX_HEADER_BYTES}")
-    try:
-        obj = json.loads(blob.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, too long an integer
-        raise HEInputError(field, "not a medsec CKKS header (not UTF-8 JSON)") from None
-    return _check_header(obj, field)
 
 
 def _slots(context: ts.Context) -> int:
@@ -273,16 +186,11 @@ def _load_vector(context: ts.Context, blob: bytes, size: int, limit: int, field:
     return vector
 
 
-def _load_parameters(parameters: Parameters, context: ts.Context, field: str) -> tuple[_Header, list[ts.CKKSVector]]:
+def _load_parameters(parameters: Parameters, context: ts.Context, field: str) -> tuple[Header, list[ts.CKKSVector]]:
     """The header and checked chunks of encrypted ``parameters``; errors name ``field``."""
-    if parameters.tensor_type != CKKS_TENSOR_TYPE:
-        raise HEInputError(field, f"tensor_type {parameters.tensor_type[:40]!r}, not {CKKS_TENSOR_TYPE!r}: plain "
-                                  "parameters (every site needs ckks_mod)")
-    if not parameters.tensors:
-        raise HEInputError(field, "no header")
-    header = _parse_header(parameters.tensors[0], f"{field}[0]")
+    header, blobs = header_and_payload(parameters, CKKS_TENSOR_TYPE, HEADER_FORMAT, SCHEME, field)
     slots = _slots(context)
-    sizes, blobs = _chunk_sizes(header.values, slots), parameters.tensors[1:]
+    sizes = _chunk_sizes(header.values, slots)
     if len(blobs) != len(sizes):
         raise HEInputError(field, f"{len(blobs)} ciphertext chunks, the header's {header.values} values take "
                                   f"{len(sizes)} of {slots} slots")
@@ -327,9 +235,8 @@ def encrypt_parameters(arrays: Sequence[np.ndarray], examples: int, site_context
     """A site's ``arrays`` times ``examples`` (n_i), flattened and encrypted in chunks of ``slots``
     values, after the plain header."""
     _require_private(site_context, "site context")
-    header = _check_header({"format": HEADER_FORMAT, "examples": examples,
-                            "arrays": [{"shape": list(a.shape), "dtype": a.dtype.name} for a in arrays]}, "parameters")
-    flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays] or [np.zeros(0)]) * examples
+    header = header_of(arrays, examples, HEADER_FORMAT, SCHEME)
+    flat = flatten(arrays) * examples
     limit = _value_limit(site_context)
     if not np.all(np.abs(flat) < limit):  # also false for NaN
         raise DataError(f"parameters: values times num_examples ({examples}) must be finite and below "
@@ -346,129 +253,63 @@ def decrypt_parameters(parameters: Parameters, site_context: ts.Context,
     by the header's example count. Needs the sites' secret key."""
     _require_private(site_context, "site context")
     header, vectors = _load_parameters(parameters, site_context, field)
-    flat = np.concatenate([np.asarray(vector.decrypt()) for vector in vectors] or [np.zeros(0)])
+    flat = flatten([np.asarray(vector.decrypt()) for vector in vectors])
     return header.split(flat / header.examples)
 
 
-class _CKKSMod:
-    """See :func:`ckks_mod`. From a path, the context loads on first use and is not pickled."""
+class _CKKSMod(EncryptionMod):
+    """See :func:`ckks_mod`."""
 
-    def __init__(self, site_context: ts.Context | str | Path) -> None:
-        self._path = None if isinstance(site_context, ts.Context) else Path(site_context)
-        self._context = site_context if isinstance(site_context, ts.Context) else None
-        if self._context is not None:
-            _require_private(self._context, "ckks_mod site context")
-
-    def __getstate__(self) -> dict:
-        return {"_path": self._path, "_context": None if self._path else self._context}
+    name = "ckks_mod"
+    tensor_type = CKKS_TENSOR_TYPE
+    key_type = ts.Context
 
     @property
     def context(self) -> ts.Context:
-        if self._context is None:
-            self._context = load_site_context(self._path)
-        return self._context
+        return self.key
 
-    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-        kind = msg.metadata.message_type
-        if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or not msg.has_content():
-            return call_next(msg, ctxt)
-        key = "fitins.parameters" if kind == MessageType.TRAIN else "evaluateins.parameters"
-        parameters = arrayrecord_to_parameters(_array_record(msg.content, key), keep_input=True)
-        if parameters.tensor_type == CKKS_TENSOR_TYPE:  # round 1's initial model comes in the clear
-            arrays = decrypt_parameters(parameters, self.context)
-            msg.content.array_records[key] = parameters_to_arrayrecord(ndarrays_to_parameters(arrays), False)
-        out = call_next(msg, ctxt)
-        if kind == MessageType.TRAIN and not out.has_error():
-            plain = arrayrecord_to_parameters(_array_record(out.content, "fitres.parameters"), keep_input=True)
-            examples = out.content.metric_records["fitres.num_examples"]["num_examples"]
-            encrypted = encrypt_parameters(parameters_to_ndarrays(plain), examples, self.context)
-            out.content.array_records["fitres.parameters"] = parameters_to_arrayrecord(encrypted, False)
-        return out
+    def check_key(self, key: ts.Context) -> None:
+        _require_private(key, "ckks_mod site context")
+
+    def load_key(self, path: Path) -> ts.Context:
+        return load_site_context(path)
+
+    def encrypt(self, arrays: list[np.ndarray], examples: int) -> Parameters:
+        return encrypt_parameters(arrays, examples, self.context)
+
+    def decrypt(self, parameters: Parameters) -> list[np.ndarray]:
+        return decrypt_parameters(parameters, self.context)
 
 
-def _array_record(content: RecordDict, key: str) -> Any:
-    if key not in content.array_records:
-        raise ConfigError(f"ckks_mod: the message has no '{key}' record; ckks_mod works with legacy "
-                          "(Client / NumPyClient) ClientApps")
-    return content.array_records[key]
-
-
-def ckks_mod(site_context: ts.Context | str | Path) -> Mod:
+def ckks_mod(site_context: ts.Context | str | Path) -> EncryptionMod:
     """The client mod: decrypts the global parameters of train and evaluate messages with the site's
     secret context (or the path of its file, loaded on first use) and encrypts the train reply's
     parameters, weighted by its ``num_examples``. Put it first in the ClientApp's mods."""
     return _CKKSMod(site_context)
 
 
-class CKKSAggregation(Strategy):
+class CKKSAggregation(EncryptedSum):
     """Wraps a FedAvg strategy: its ``aggregate_fit`` adds the sites' encrypted, weighted
     parameters (and their example counts) with ``public_context`` (bytes of :func:`public_context`;
     one holding a secret key is refused); configuration and evaluation are the wrapped strategy's.
     Centralised evaluation is refused: the server never has the model in the clear."""
 
+    scheme = SCHEME
+
     def __init__(self, strategy: FedAvg, public_context: bytes) -> None:
-        if not isinstance(strategy, FedAvg) or type(strategy).aggregate_fit is not FedAvg.aggregate_fit:
-            raise ConfigError(f"federation.strategy: CKKS aggregation computes FedAvg's weighted mean; "
-                              f"{type(strategy).__name__} aggregates otherwise (it needs the updates in the clear)")
-        if strategy.evaluate_fn is not None:
-            raise ConfigError("federation: centralised evaluation (evaluate_fn) needs the global model in the "
-                              "clear, which the server never has with CKKS aggregation; evaluate on the sites")
+        super().__init__(strategy)
         if not isinstance(public_context, bytes):
             raise ConfigError("CKKSAggregation takes the public context as bytes (public_context(site_context))")
-        self.strategy = strategy
         self.context = load_public_context(public_context, max_inflated=MAX_CONTEXT_BYTES)  # refuses a secret key
 
-    def __repr__(self) -> str:
-        return f"CKKSAggregation({self.strategy!r})"
+    def load(self, parameters: Parameters, field: str) -> tuple[Header, list[ts.CKKSVector]]:
+        return _load_parameters(parameters, self.context, field)
 
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.strategy.initialize_parameters(client_manager)
+    def add(self, total: list[ts.CKKSVector], other: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
+        for accumulated, vector in zip(total, other):
+            accumulated.add_(vector)
+        return total
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        return self.strategy.configure_fit(server_round, parameters, client_manager)
-
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
-                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """The encrypted sum of the sites' weighted parameters, with the sum of their example counts
-        in its header; a site whose ciphertexts are malformed, oversized or do not match the
-        others' is refused with an error naming it."""
-        if not results or (failures and not self.strategy.accept_failures):
-            return None, {}
-        reference: tuple[str, _Header] | None = None
-        total: list[ts.CKKSVector] = []
-        for proxy, res in results:
-            site = f"site {proxy.cid}"
-            header, vectors = _load_parameters(res.parameters, self.context, f"{site} parameters")
-            if header.examples != res.num_examples:
-                raise HEInputError(site, f"its header says {header.examples} examples, num_examples is "
-                                         f"{res.num_examples}")
-            if reference is None:
-                reference, total = (proxy.cid, header), vectors
-                continue
-            if header.layout != reference[1].layout:
-                raise HEInputError(site, f"its parameters' shapes or dtypes differ from site {reference[0]}'s")
-            for accumulated, vector in zip(total, vectors):
-                accumulated.add_(vector)
-        examples = sum(res.num_examples for _, res in results)
-        header = _Header(examples, *reference[1].layout)
-        parameters = Parameters(tensors=[header.to_bytes(), *(vector.serialize() for vector in total)],
-                                tensor_type=CKKS_TENSOR_TYPE)
-        metrics: dict[str, Scalar] = {}
-        if self.strategy.fit_metrics_aggregation_fn:
-            metrics = self.strategy.fit_metrics_aggregation_fn([(res.num_examples, res.metrics) for _, res in results])
-        return parameters, metrics
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-                           ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        """No centralised evaluation: the server cannot evaluate an encrypted model."""
-        return None
+    def parameters(self, header: Header, total: list[ts.CKKSVector]) -> Parameters:
+        return Parameters(tensors=[header.to_bytes(), *(vector.serialize() for vector in total)],
+                          tensor_type=CKKS_TENSOR_TYPE)

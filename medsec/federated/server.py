@@ -5,6 +5,7 @@ the global model on the global validation and test splits after every round, and
 reads it unchanged)."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -65,16 +66,37 @@ NOT_AVERAGED = ("site", "round", "examples")
 SITE_COLUMN = re.compile(r"site\d+/").match
 
 
+ENCRYPTED_AGGREGATION = {"ckks": ("he_aggregation", "TenSEAL", ("tenseal",)),
+                         "paillier": ("paillier_aggregation", "python-paillier and gmpy2", ("phe", "gmpy2"))}
+"""``secure_aggregation`` values whose server adds ciphertexts: module, libraries, their imports."""
+
+
+def aggregation_module(secure: str) -> ModuleType:
+    """The module of encrypted aggregation ``secure`` (ckks, paillier), or a ``ConfigError`` when
+    it or its libraries are absent."""
+    name, libraries, imports = ENCRYPTED_AGGREGATION[secure]
+    try:
+        return importlib.import_module(f"medsec.federated.{name}")
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in ("medsec", *imports):
+            raise ConfigError(f"federation.secure_aggregation={secure} needs medsec.federated.{name} and "
+                              f"{libraries}, which this installation lacks ({err.name})") from None
+        raise
+
+
 def he_aggregation() -> ModuleType:
     """:mod:`medsec.federated.he_aggregation` (CKKS aggregation), or a ``ConfigError`` when absent."""
-    try:
-        from medsec.federated import he_aggregation as module
-    except ModuleNotFoundError as err:
-        if err.name and err.name.split(".")[0] in ("medsec", "tenseal"):
-            raise ConfigError("federation.secure_aggregation=ckks needs medsec.federated.he_aggregation and TenSEAL, "
-                              f"which this installation lacks ({err.name})") from None
-        raise
-    return module
+    return aggregation_module("ckks")
+
+
+def encrypted_strategy(fed: DictConfig, strategy: Strategy) -> Strategy:
+    """``strategy`` wrapped to add ciphertexts (``federation.secure_aggregation`` ckks or paillier),
+    with the server's public context or key file."""
+    if fed.secure_aggregation == "ckks":
+        public = Path(fed.ckks.public_context).expanduser().read_bytes()
+        return he_aggregation().CKKSAggregation(strategy, public)
+    public = Path(fed.paillier.public_key).expanduser().read_bytes()
+    return aggregation_module("paillier").PaillierAggregation(strategy, public)
 
 
 def weighted_mean(pairs: list[tuple[int, Mapping[str, Scalar]]]) -> dict[str, Scalar]:
@@ -234,7 +256,7 @@ class FederatedStrategy(Strategy):
     is evaluated on the server, ``rounds.csv`` is rewritten and ``checkpoints/round_<r>.ckpt`` and
     ``checkpoints/last.ckpt`` are written, and ``checkpoints/best.ckpt`` when the round is the best
     so far on the run's monitor (the rule ``medsec train`` picks its checkpoint by). Rounds are numbered from ``start_round`` on (resuming).
-    ``encrypted``: the server only ever holds ciphertexts (CKKS): no array checks, no evaluation,
+    ``encrypted``: the server only ever holds ciphertexts (CKKS, Paillier): no array checks, no evaluation,
     no checkpoints. ``masked``: SecAgg+ (each result holds the unmasked sum). ``loggers`` (the run's
     ``logger`` group: W&B, CSV, TensorBoard) receive each finished round's row, step = round."""
 

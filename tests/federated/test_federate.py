@@ -65,7 +65,10 @@ def fed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("overrides", "message"), [
     (["federation.num_sites=2", "federation.secure_aggregation=secagg+"], "at least 3 sites"),
     (["federation.strategy=median", "federation.secure_aggregation=secagg+"], "needs every site's update"),
-    (["federation.secure_aggregation=paillier"], "federation.secure_aggregation must be"),
+    (["federation.secure_aggregation=rsa"], "federation.secure_aggregation must be"),
+    (["federation.secure_aggregation=paillier"], "federation.paillier.site_key"),
+    (["federation.secure_aggregation=paillier", "federation.strategy=fedadam"],
+     "secure_aggregation=paillier: the server only adds ciphertexts"),
     (["federation.secure_aggregation=ckks"], "federation.ckks.site_context"),
     (["federation.secure_aggregation=ckks", "federation.strategy=fedadam"], "cannot run FedAdam's optimiser"),
     (["federation.min_sites=4"], "federation.min_sites"),

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import struct
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -15,19 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tenseal as ts
-import torch
-from flwr.app import Context, Message, MessageType, Metadata, RecordDict
-from flwr.common import (
-    Code,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    Parameters,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.app import MessageType
+from flwr.common import FitRes, Parameters, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.strategy import FedAvg, FedMedian
 from flwr.server.strategy.aggregate import aggregate
@@ -44,48 +32,12 @@ from medsec.federated.he_aggregation import (
     public_context,
 )
 from medsec.he.wire import SecretKeyRefused
-from medsec.models import small_cnn
+from tests.federated.messages import client, compare, context, instruction, site_arrays
 
 EXAMPLES = (120, 75, 301)
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 EXPANSION = (8.0, 20.0)
 """Accepted ciphertext / float32 bytes of full 4096-value chunks (measured: 14.3)."""
-
-
-def _context() -> Context:
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-
-
-def _instruction(kind: str, parameters: Parameters) -> Message:
-    ins = FitIns(parameters, {}) if kind == MessageType.TRAIN else EvaluateIns(parameters, {})
-    content = (compat.fitins_to_recorddict(ins, keep_input=True) if kind == MessageType.TRAIN
-               else compat.evaluateins_to_recorddict(ins, keep_input=True))
-    metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
-                        created_at=time.time(), ttl=3600.0, message_type=kind)
-    return Message(content=content, metadata=metadata)  # no TaskIdentity outside a Flower runtime
-
-
-def _client(trained: list[np.ndarray], examples: int, seen: list) -> Callable[[Message, Context], Message]:
-    """A ClientApp that records the parameters it is given and answers with ``trained``."""
-    def call_next(msg: Message, ctxt: Context) -> Message:
-        if msg.metadata.message_type == MessageType.TRAIN:
-            seen.append(parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, True).parameters))
-            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(trained), examples, {})
-            return Message(compat.fitres_to_recorddict(res, True), reply_to=msg)
-        seen.append(parameters_to_ndarrays(compat.recorddict_to_evaluateins(msg.content, True).parameters))
-        return Message(compat.evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), 0.5, examples, {})),
-                       reply_to=msg)
-    return call_next
-
-
-def _site_arrays(site: int) -> list[np.ndarray]:
-    """small_cnn(2, 1, 2, 8)'s state dict as one site trained it: the weights moved, BatchNorm's
-    ``num_batches_tracked`` (int64) counted."""
-    torch.manual_seed(0)
-    arrays = [value.numpy().copy() for value in small_cnn(2, 1, 2, 8).state_dict().values()]
-    rng = np.random.default_rng(site)
-    return [a + rng.normal(0, 0.1, a.shape).astype(a.dtype) if a.dtype.kind == "f" else a + 7 * site + 3
-            for a in arrays]
 
 
 @pytest.fixture(scope="module")
@@ -100,32 +52,20 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def federated_round(keys: dict) -> dict:
     """One round: three sites' ckks_mod encrypt their replies, the server adds them, and round 2's
     train message is decrypted by site 0's mod."""
-    initial = _site_arrays(0)
+    initial = site_arrays(0)
     mod = ckks_mod(keys["site"])
     replies, seen = [], []
     for index, (site, examples) in enumerate(zip(SITES, EXAMPLES)):
-        out = mod(_instruction(MessageType.TRAIN, ndarrays_to_parameters(initial)), _context(),
-                  _client(_site_arrays(index + 1), examples, seen))
+        out = mod(instruction(MessageType.TRAIN, ndarrays_to_parameters(initial)), context(),
+                  client(site_arrays(index + 1), examples, seen))
         replies.append((SimpleNamespace(cid=site), compat.recorddict_to_fitres(out.content, True)))
     server = CKKSAggregation(FedAvg(), keys["public"])
     aggregated, _ = server.aggregate_fit(1, replies, [])
     received: list = []
-    mod(_instruction(MessageType.TRAIN, aggregated), _context(), _client(initial, 1, received))
-    plain = aggregate([(_site_arrays(i + 1), n) for i, n in enumerate(EXAMPLES)])
+    mod(instruction(MessageType.TRAIN, aggregated), context(), client(initial, 1, received))
+    plain = aggregate([(site_arrays(i + 1), n) for i, n in enumerate(EXAMPLES)])
     return {"initial": initial, "first_seen": seen, "replies": replies, "server": server, "aggregated": aggregated,
             "received": received[0], "plain": plain, "mod": mod}
-
-
-def _compare(decrypted: list[np.ndarray], plain: list[np.ndarray]) -> float:
-    """Largest |decrypted - plain| over the float arrays (integer arrays must equal plain rounded)."""
-    worst = 0.0
-    for got, want in zip(decrypted, plain):
-        assert got.shape == want.shape
-        if got.dtype.kind == "i":
-            assert np.array_equal(got, np.rint(want).astype(got.dtype))
-        else:
-            worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()))
-    return worst
 
 
 def test_encrypted_aggregate_equals_plain_fedavg(keys: dict, federated_round: dict) -> None:
@@ -136,8 +76,8 @@ def test_encrypted_aggregate_equals_plain_fedavg(keys: dict, federated_round: di
         assert json.loads(res.parameters.tensors[0])["examples"] == examples
     header = json.loads(round_["aggregated"].tensors[0])
     assert header["examples"] == sum(EXAMPLES)
-    error = _compare(round_["received"], round_["plain"])
-    weighted = sum(n * np.concatenate([a.astype(np.float64).ravel() for a in _site_arrays(i + 1)])
+    error = compare(round_["received"], round_["plain"])
+    weighted = sum(n * np.concatenate([a.astype(np.float64).ravel() for a in site_arrays(i + 1)])
                    for i, n in enumerate(EXAMPLES))  # sum n_i w_i in float64, before the sites divide
     raw = np.concatenate([ts.ckks_vector_from(keys["site"], blob).decrypt() for blob in round_["aggregated"].tensors[1:]])
     relative = float(np.abs(raw - weighted).max() / np.abs(weighted).max())
@@ -145,14 +85,14 @@ def test_encrypted_aggregate_equals_plain_fedavg(keys: dict, federated_round: di
           f"encrypted sum vs float64: max relative error {relative:.2e}")
     assert error < 1e-4 and relative < 1e-6
     assert [a.dtype for a in round_["received"]] == [a.dtype for a in round_["initial"]]
-    assert _compare(decrypt_parameters(round_["aggregated"], round_["mod"].context), round_["plain"]) < 1e-4
+    assert compare(decrypt_parameters(round_["aggregated"], round_["mod"].context), round_["plain"]) < 1e-4
 
 
 def test_evaluate_message_is_decrypted_for_the_site(federated_round: dict) -> None:
     seen: list = []
-    out = federated_round["mod"](_instruction(MessageType.EVALUATE, federated_round["aggregated"]), _context(),
-                                 _client(federated_round["initial"], 9, seen))
-    assert _compare(seen[0], federated_round["plain"]) < 1e-4
+    out = federated_round["mod"](instruction(MessageType.EVALUATE, federated_round["aggregated"]), context(),
+                                 client(federated_round["initial"], 9, seen))
+    assert compare(seen[0], federated_round["plain"]) < 1e-4
     assert compat.recorddict_to_evaluateres(out.content).num_examples == 9
 
 
@@ -210,7 +150,7 @@ MALFORMED: dict[str, tuple[Callable[[dict, Parameters], list[bytes]], str]] = {
     "chunk count": (lambda k, p: [*p.tensors, p.tensors[1]], r"ciphertext chunks, the header's"),
     "scale": (_replace_chunk, r"parameters\[1\]: scale 2\^30, the context's is 2\^40"),
     "other parameters": (lambda k, p: [p.tensors[0], ts.ckks_vector(
-        _other_context(), np.ones(2048).tolist()).serialize(), *p.tensors[2:]], r"not a CKKS vector for this context"),
+        _othercontext(), np.ones(2048).tolist()).serialize(), *p.tensors[2:]], r"not a CKKS vector for this context"),
     "header json": (lambda k, p: [b"\xff{", *p.tensors[1:]], r"parameters\[0\]: not a medsec CKKS header"),
     "header dtype": (lambda k, p: _header(p, arrays=[{"shape": [2], "dtype": "object"}]), r"dtype must be one of"),
     "header too big": (lambda k, p: _header(p, arrays=[{"shape": [2**20, 2**20], "dtype": "float32"}]),
@@ -221,7 +161,7 @@ MALFORMED: dict[str, tuple[Callable[[dict, Parameters], list[bytes]], str]] = {
 }
 
 
-def _other_context() -> ts.Context:
+def _othercontext() -> ts.Context:
     context = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40])
     context.global_scale = 2.0 ** 20
     return context
@@ -233,7 +173,7 @@ def test_malformed_ciphertexts_are_refused_naming_the_site(keys: dict, federated
     replies = list(federated_round["replies"])
     res = replies[1][1]
     tensors = change(keys, res.parameters)
-    parameters = (ndarrays_to_parameters(_site_arrays(2)) if tensors is None
+    parameters = (ndarrays_to_parameters(site_arrays(2)) if tensors is None
                   else Parameters(tensors=tensors, tensor_type=CKKS_TENSOR_TYPE))
     replies[1] = (replies[1][0], FitRes(res.status, parameters, res.num_examples, res.metrics))
     with pytest.raises(DataError, match="site hospital-b") as caught:
@@ -289,8 +229,8 @@ def test_site_context_file_is_private_and_not_overwritten(keys: dict, tmp_path: 
 def test_mod_from_a_path_loads_lazily_and_pickles_without_the_key(keys: dict, federated_round: dict) -> None:
     mod = ckks_mod(keys["path"])
     seen: list = []
-    mod(_instruction(MessageType.TRAIN, federated_round["aggregated"]), _context(), _client([], 1, seen))
-    assert _compare(seen[0], federated_round["plain"]) < 1e-4
+    mod(instruction(MessageType.TRAIN, federated_round["aggregated"]), context(), client([], 1, seen))
+    assert compare(seen[0], federated_round["plain"]) < 1e-4
     state = pickle.dumps(mod)
     assert len(state) < 1000  # the path, not the context (megabytes)
     assert pickle.loads(state).context.is_private()
