@@ -95,6 +95,9 @@ DATA_SIZES = {
     "synthetic": ["data.source.num_samples=[16,8,8]", "data.source.image_size=16"],
     "synthetic_seg": ["data.source.num_samples=[16,8,8]", "data.source.image_size=16"],
     "chestxray14": ["data.image_size=32"],
+    "synthetic_det": ["data.source.num_samples=[16,8,8]", "data.source.image_size=32"],
+    "nih_boxes": ["data.image_size=32"],
+    "decathlon_boxes": ["data.image_size=[16,16,16]"],
 }
 
 
@@ -102,6 +105,12 @@ def build_data(option: str, tmp_path: Path, data_dir: Path, folder: Path, **_: A
     extra = DATA_SIZES.get(option, [])
     if option == "folder":
         extra = [f"data.source.root={folder}", "data.image_size=32"]
+    if option == "coco":
+        from tests.data.test_detection_data import write_coco
+
+        root = write_coco(tmp_path / "coco", [{"image_id": i, "category_id": 7, "bbox": [4, 2, 10, 6]} for i in range(4)],
+                          images=8)
+        extra = [f"data.source.root={root}"]
     if option == "image_masks":
         pairs = write_image_masks(tmp_path / "pairs")
         extra = [f"data.source.root={pairs.parent}", f"data.source.csv={pairs.name}", "data.source.class_names=[lesion]"]
@@ -122,19 +131,21 @@ def build_data(option: str, tmp_path: Path, data_dir: Path, folder: Path, **_: A
 MODEL_TASK = {
     # conf/model option -> the task it is built through (the same as in the experiments)
     "small_cnn": "classification", "resnet18": "classification", "resnet50": "classification",
-    "densenet121": "classification", "he_cnn": "classification",
+    "densenet121": "classification", "he_cnn": "classification", "he_cnn_deep": "classification",
     "unet2d": "segmentation", "unet3d": "segmentation", "segresnet": "segmentation",
     "dynunet": "segmentation",
     "dae": "denoising", "dncnn": "denoising", "monai_autoencoder": "denoising", "compressive_ae": "denoising",
     "deepkeygen": "deepkeygen", "encipher_gan": "encipher_gan",
+    "fasterrcnn_resnet18": "detection", "fasterrcnn_mobilenet": "detection", "fasterrcnn_resnet50": "detection",
+    "retinanet": "detection", "retinanet_monai": "detection",
 }
-TASK_DATA = {"segmentation": ["data=synthetic_seg"]}
+TASK_DATA = {"segmentation": ["data=synthetic_seg"], "detection": ["data=synthetic_det"]}
 
 
 def build_model(option: str, tmp_path: Path, **_: Any) -> None:
     assert option in MODEL_TASK, f"conf/model/{option}.yaml: add the task it is built through to MODEL_TASK"
     task_name = MODEL_TASK[option]
-    size = ["data.source.image_size=28"] if option == "he_cnn" else []  # he_cnn is built for its image size
+    size = ["data.source.image_size=28"] if option.startswith("he_cnn") else []  # built for its image size
     cfg = compose("train", [f"model={option}", f"task={task_name}", *TASK_DATA.get(task_name, []), *SMALL,
                             *size], tmp_path)
     run = Run.build(cfg)

@@ -22,9 +22,11 @@ _REGISTRY: dict[str, set[str]] = {
         "medsec.tasks.denoising.DenoisingTask",
         "medsec.tasks.deepkeygen.DeepKeyGenTask",
         "medsec.tasks.encipher_gan.EncipherGANTask",
+        "medsec.tasks.detection.DetectionTask",
     },
     "network": {
         "medsec.models.small_cnn", "medsec.models.resnet", "medsec.models.densenet121", "medsec.models.he_cnn",
+        "medsec.models.he_cnn_deep",
         "medsec.models.compression.CompressiveAutoencoder",
         "medsec.models.denoisers.DenoisingAutoencoder", "medsec.models.denoisers.DnCNN",
         "medsec.models.deepkeygen.KeyGenerator", "medsec.models.deepkeygen.PatchCritic",
@@ -32,6 +34,7 @@ _REGISTRY: dict[str, set[str]] = {
         "monai.networks.nets.UNet", "monai.networks.nets.SegResNet", "monai.networks.nets.DynUNet",
         "monai.networks.nets.AutoEncoder",
         "medsec.models.baselines.GaussianFilter", "medsec.models.baselines.NonLocalMeans",
+        "medsec.models.detectors.torchvision_detector", "medsec.models.detectors.monai_retinanet",
     },
     "data": {
         "medsec.data.MedicalDataModule",
@@ -44,6 +47,8 @@ _REGISTRY: dict[str, set[str]] = {
         "medsec.data.sources.decathlon.DecathlonSource",
         "medsec.data.sources.decathlon_slices.DecathlonSlicesSource",
         "medsec.data.sources.partition.PartitionSource",
+        "medsec.data.detection.detection_transforms",
+        "medsec.data.sources.boxes.NIHBoxSource", "medsec.data.sources.boxes.CocoSource",
     },
     "optimizer": {"torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.RMSprop"},
     "scheduler": {

@@ -1,7 +1,9 @@
 """From a trained PyTorch classifier to a CKKS program: a list of affine and square layers.
 
 The network's input normalisation is folded into the first layer, so the client encrypts the
-pixels exactly as the data pipeline hands them to the network ([0, 1]). Every layer, a
+pixels exactly as the data pipeline hands them to the network ([0, 1]); so is every other affine
+module up to the first square (batch norm, pooling), and likewise between squares; a trained
+polynomial activation ``a x^2 + b x`` is a square between two such runs. Every layer, a
 convolution included, is a dense ``[in, out]`` matrix: the SIMD "throughput" evaluator uses it
 directly (skipping zeros), the "latency" evaluator through its diagonals
 (:mod:`medsec.he.diagonal`).
@@ -20,10 +22,26 @@ from medsec.errors import ConfigError
 from medsec.he.diagonal import DiagonalPlan, next_pow2, plan_layer
 from medsec.he.planner import CKKSParams, plan_parameters
 from medsec.models.classifiers import Classifier
-from medsec.models.he_cnn import Square
+from medsec.models.he_cnn import PolyAct, Square
 
 SKIPPED = (nn.Flatten, nn.Dropout, nn.Identity)
 """Layers that do nothing at inference on a flat vector."""
+
+
+class Elementwise(nn.Module):
+    """``x * scale + offset`` (broadcast): the input normalisation, and the shift and scale that
+    turn a square into a :class:`~medsec.models.PolyAct`."""
+
+    def __init__(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.offset
+
+
+AFFINE = (Elementwise, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, *SKIPPED)
+"""Layers that are affine maps at inference (batch norm in eval mode): fused into one layer."""
 
 
 @dataclass
@@ -92,51 +110,74 @@ class ModelCard:
 
 
 def compile_model(net: nn.Module, calibration: torch.Tensor) -> HEProgram:
-    """Compile ``net`` (a :func:`medsec.models.he_cnn` classifier, in eval mode) for images shaped
-    like ``calibration`` ([n, C, H, W] in [0, 1]); the calibration images bound the values
-    every layer produces (with a factor-2 margin).
+    """Compile ``net`` (a :func:`medsec.models.he_cnn` or :func:`medsec.models.he_cnn_deep`
+    classifier) for images shaped like ``calibration`` ([n, C, H, W] in [0, 1]); the calibration
+    images bound the values every layer produces (with a factor-2 margin). Each run of affine
+    modules between squares (the input normalisation, convolutions, linear layers, batch norm in
+    eval mode, average pooling, a polynomial activation's shift and scale) becomes one affine
+    layer: one level of the CKKS chain.
 
     Raises:
-        ConfigError: a layer that CKKS cannot evaluate (ReLU, pooling, batch norm ...).
+        ConfigError: a layer that CKKS cannot evaluate (ReLU, max pooling, group norm ...), or
+            a degenerate :class:`~medsec.models.PolyAct` (``a = 0``).
     """
     if not isinstance(net, Classifier) or not isinstance(net.backbone, nn.Sequential):
-        raise ConfigError(f"model: `medsec he` needs model=he_cnn (conv -> square -> linear -> square -> linear), "
-                          f"got {type(net).__name__}")
+        raise ConfigError(f"model: `medsec he` needs model=he_cnn or he_cnn_deep (convolutions, linear layers and "
+                          f"squares), got {type(net).__name__}")
     shape = tuple(calibration.shape[1:])
     if len(shape) != 3:
         raise ConfigError(f"data: `medsec he` needs 2D images [C, H, W], got {list(shape)}")
-    mean = net.mean.double().reshape(-1, 1, 1).expand(shape).reshape(-1).numpy()
-    std = net.std.double().reshape(-1, 1, 1).expand(shape).reshape(-1).numpy()
+    twin = copy.deepcopy(net).double().eval()  # the caller's network stays as it is
+    std = twin.std.reshape(-1, 1, 1)
+    normalise = Elementwise(1 / std, -twin.mean.reshape(-1, 1, 1) / std)
+    modules = [("normalise", normalise), *twin.backbone.named_children(), ("head", twin.head)]
     layers: list[Layer] = []
-    probe = torch.zeros(1, *shape, dtype=torch.float64)  # tracks each layer's input shape
-    twin = copy.deepcopy(net).double()  # the caller's network stays as it is
-    modules = [*twin.backbone.named_children(), ("head", twin.head)]
+    probe = torch.zeros(1, *shape, dtype=torch.float64)  # tracks each module's input shape
+    run: list[nn.Module] = []  # affine modules since the last square
+    run_shape = shape
     for name, module in modules:
-        if isinstance(module, SKIPPED):
-            pass
-        elif isinstance(module, Square):
+        if isinstance(module, (Square, PolyAct)):
+            before, after = _square_form(name, module)
+            layers += _fused([*run, *before], run_shape)
             layers.append(Layer("square"))
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            layers.append(_affine_layer(module, tuple(probe.shape[1:])))
+            run, run_shape = after, tuple(probe.shape[1:])
+        elif isinstance(module, AFFINE):
+            run_shape = run_shape if run else tuple(probe.shape[1:])
+            run.append(module)
         else:
             raise ConfigError(f"model: layer '{name}' ({type(module).__name__}) cannot be evaluated under CKKS; "
-                              "`medsec he` takes convolutions, linear layers and squares (model=he_cnn)")
+                              "`medsec he` takes convolutions, linear layers, batch norm, average pooling, "
+                              "squares and PolyAct (model=he_cnn or he_cnn_deep)")
         with torch.no_grad():
             probe = module(probe)
-    if not layers or layers[0].kind != "affine":
-        raise ConfigError("model: `medsec he` needs a convolution or linear layer first")
-    first = layers[0]  # fold (x - mean) / std into the first affine map
-    first.bias = first.bias - (mean / std) @ first.matrix
-    first.matrix = first.matrix / std[:, None]
-    last_affine = next(layer for layer in reversed(layers) if layer.kind == "affine")
-    program = HEProgram(layers, shape, last_affine.matrix.shape[1])
+    layers += _fused(run, run_shape)  # the head: the last layer is always affine
+    program = HEProgram(layers, shape, layers[-1].matrix.shape[1])
     program.max_abs = 2.0 * _max_abs(program, calibration.reshape(len(calibration), -1).double().numpy())
     return program
 
 
-def _affine_layer(module: nn.Conv2d | nn.Linear, in_shape: tuple[int, ...]) -> Layer:
-    """A convolution or linear layer as a dense ``[in, out]`` matrix (its response to each input
-    value, bias removed) and its bias per output."""
+def _square_form(name: str, module: Square | PolyAct) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Affine modules before and after a plain square that together compute ``module``:
+    ``a x^2 + b x = a (x + s)^2 - a s^2`` with ``s = b / 2a``."""
+    if isinstance(module, Square):
+        return [], []
+    a, b = module.a.detach(), module.b.detach()
+    if a == 0:
+        raise ConfigError(f"model: activation '{name}' has a = 0 (a linear map); CKKS needs its square term")
+    shift = b / (2 * a)
+    return [Elementwise(torch.ones_like(a), shift)], [Elementwise(a, -a * shift ** 2)]
+
+
+def _fused(run: list[nn.Module], in_shape: tuple[int, ...]) -> list[Layer]:
+    """The affine ``run`` of modules as one layer, or none if it only reshapes (flatten, dropout)."""
+    if all(isinstance(module, SKIPPED) for module in run):
+        return []
+    return [_affine_layer(nn.Sequential(*run), in_shape)]
+
+
+def _affine_layer(module: nn.Module, in_shape: tuple[int, ...]) -> Layer:
+    """An affine module as a dense ``[in, out]`` matrix (its response to each input value, bias
+    removed) and its bias per output. Outputs an input value cannot reach stay exactly zero."""
     size = int(np.prod(in_shape))
     with torch.no_grad():
         basis = torch.eye(size, dtype=torch.float64).reshape(size, *in_shape)

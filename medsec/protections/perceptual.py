@@ -291,9 +291,10 @@ class PerceptualStage(Protection):
         return PerceptualEncrypt.from_key(self.key.load(), self.scheme)
 
     def check(self, task_info: Mapping[str, Any], task_target: str) -> None:
-        if not task_target.endswith("ClassificationTask"):
+        # detection too: its boxes stay where the lesions were, which is what block scrambling does to a detector
+        if not task_target.endswith(("ClassificationTask", "DetectionTask")):
             raise ConfigError(f"protect: perceptual encrypts images only (not masks or targets), so it serves "
-                              f"classification; {task_target.rsplit('.', 1)[-1]} is not supported")
+                              f"classification and detection; {task_target.rsplit('.', 1)[-1]} is not supported")
 
     def wrap_source(self, source: DataSource) -> PerceptualSource:
         """``source`` with its images encrypted on reading."""

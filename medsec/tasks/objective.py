@@ -3,14 +3,14 @@
 A task that can be attacked returns one from :meth:`~medsec.tasks.base.BaseTask.attack_objective`;
 :func:`medsec.analysis.attacks.adapters.adapter_for` wraps it for the attacks, so the attack code
 never asks which task it holds. Attacks act in [0, 1] pixel space (medsec networks normalise
-internally). The three standard objectives are built by :func:`multiclass_objective`,
-:func:`multilabel_objective` and :func:`segmentation_objective`.
+internally). The standard objectives are built by :func:`multiclass_objective`,
+:func:`multilabel_objective`, :func:`segmentation_objective` and :func:`detection_objective`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,10 @@ from torchmetrics.functional.classification import multilabel_auroc
 
 from medsec.tasks.multilabel import UNKNOWN, label_counts, macro_auroc, masked_bce
 
-Kind = Literal["multiclass", "multilabel", "segmentation"]
+if TYPE_CHECKING:
+    from medsec.tasks.detection import DetectionTask
+
+Kind = Literal["multiclass", "multilabel", "segmentation", "detection"]
 Logits = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], float]
@@ -33,8 +36,9 @@ class AttackObjective:
 
     Attributes:
         kind: ``multiclass`` (class logits ``(N, C)``, every attack, targeted too),
-            ``multilabel`` (one logit per finding) or ``segmentation`` (logits ``(N, C, *spatial)``);
-            attacks that need class logits or targets check it.
+            ``multilabel`` (one logit per finding), ``segmentation`` (logits ``(N, C, *spatial)``) or
+            ``detection`` (the "logits" are the images themselves; the loss and metric run the
+            detector); attacks that need class logits or targets check it.
         metric_name: what :attr:`metric` measures (``acc``, ``auroc``, ``dice``).
         num_classes: classes a targeted attack may aim at.
         logits: images in [0, 1] to logits, differentiable.
@@ -118,3 +122,49 @@ def dice_halved(clean: torch.Tensor, adversarial: torch.Tensor, target: torch.Te
 def segmentation_objective(logits: Logits, loss: Loss, num_classes: int) -> AttackObjective:
     """The segmenter's own loss, mean foreground Dice; success = an image's Dice at least halved."""
     return AttackObjective("segmentation", "dice", num_classes, logits, loss, mean_dice, dice_halved)
+
+
+# ---- detection --------------------------------------------------------------------------------
+def detection_objective(task: DetectionTask, num_classes: int, min_score: float = 0.5,
+                        iou_threshold: float = 0.5) -> AttackObjective:
+    """The detector's own training loss (ascending it is a *vanishing* attack: true boxes lose
+    their objectness and class scores), mAP@0.5; success = the share of an image's lesions found
+    before the attack (a detection scoring ``min_score`` or more at IoU ``iou_threshold``) that
+    are no longer found (``nan`` where none was found). The detector needs the boxes, not
+    logits, so the "logits" handed to the attack code are the images themselves."""
+    from medsec.analysis.detection_metrics import DetectionMetrics, match_image
+    from medsec.data.detection import unpack_boxes
+
+    def images(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def loss(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return task.detection_loss(x, packed)[0]
+
+    def map_50(batches: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
+        metrics = DetectionMetrics(task.slugs, int(task.hparams.spatial_dims), iou_threshold)
+        with torch.no_grad():
+            for x, packed in zip(batches, targets):
+                metrics.update(task(x), unpack_boxes(packed))
+        return metrics.compute()["map_50"]
+
+    def found(x: torch.Tensor, packed: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, which ground-truth boxes a confident detection hits."""
+        with torch.no_grad():
+            detections = task(x)
+        hits = []
+        for pred, truth in zip(detections, unpack_boxes(packed)):
+            keep = pred["scores"] >= min_score
+            swapped = {"boxes": truth["boxes"], "labels": truth["labels"], "scores": torch.ones(len(truth["labels"]))}
+            # a ground-truth box is found when it matches a confident detection (roles swapped)
+            hits.append(torch.as_tensor(match_image(swapped, {k: pred[k][keep] for k in ("boxes", "labels")},
+                                                    iou_threshold)))
+        return hits
+
+    def vanished(clean: torch.Tensor, adversarial: torch.Tensor, packed: torch.Tensor,
+                 attack_target: torch.Tensor | None = None) -> torch.Tensor:
+        before, after = found(clean, packed), found(adversarial, packed)
+        return torch.tensor([float((b & ~a).sum() / b.sum()) if b.any() else float("nan")
+                             for b, a in zip(before, after)])
+
+    return AttackObjective("detection", "map_50", num_classes, images, loss, map_50, vanished)

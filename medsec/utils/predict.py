@@ -33,17 +33,18 @@ _SUFFIX = re.compile(r"\.(nii\.gz|nii|png|jpe?g|bmp|dcm|dicom)$", re.IGNORECASE)
 
 
 def problem_of(task: Any) -> str:
-    """``classification``, ``segmentation`` or ``denoising``: what ``task`` predicts."""
+    """``classification``, ``segmentation``, ``denoising`` or ``detection``: what ``task`` predicts."""
     from medsec.tasks import ClassificationTask
     from medsec.tasks.denoising import DenoisingTask
+    from medsec.tasks.detection import DetectionTask
     from medsec.tasks.segmentation import SegmentationTask
 
     for kind, cls in (("classification", ClassificationTask), ("segmentation", SegmentationTask),
-                      ("denoising", DenoisingTask)):
+                      ("denoising", DenoisingTask), ("detection", DetectionTask)):
         if isinstance(task, cls):
             return kind
     raise ConfigError(f"predict: a {type(task).__name__} checkpoint has no predictions to write "
-                      "(classification, segmentation and denoising have)")
+                      "(classification, segmentation, denoising and detection have)")
 
 
 def open_inputs(run: Any, location: str, column: str = "image", split: str | None = None) -> tuple[list[Input], Compose]:
@@ -138,7 +139,8 @@ class Predictor:
     def __call__(self, items: list[Input], batch: dict[str, Any], index: int) -> None:
         batch = {**batch, "image": batch["image"].to(self.device)}
         with torch.inference_mode():
-            output = self.task.predict_step(batch, index).cpu()
+            output = self.task.predict_step(batch, index)
+        output = output.cpu() if isinstance(output, torch.Tensor) else output  # detection: boxes per image
         write: Callable[[list[Input], dict[str, Any], torch.Tensor], None] = getattr(self, f"_{self.kind}")
         write(items, batch, output)
 
@@ -184,11 +186,27 @@ class Predictor:
                                                    affine.numpy())
             self.written.append(self.writer.write(f"{name}.{kind}", data))
 
+    def _detection(self, items: list[Input], batch: dict[str, Any], detections: list[dict[str, torch.Tensor]]) -> None:
+        """Boxes on each input's own grid (scaled back when the pipeline resized it)."""
+        from medsec.tasks.detection import box_columns
+
+        for i, (item, found) in enumerate(zip(items, detections)):
+            scale = np.tile(np.asarray(batch["input_shape"][i], dtype=float) / np.asarray(batch["image"].shape[2:]), 2)
+            for box, score, label in zip(found["boxes"].cpu().numpy(), found["scores"].tolist(), found["labels"].tolist()):
+                columns = box_columns(box * scale)
+                self.rows.append([item.id, self.task.class_names[int(label)], f"{score:.6f}", *columns.values()])
+
     def finish(self) -> list[Path]:
-        """Write ``predictions.csv`` (classification); returns every file written."""
+        """Write ``predictions.csv`` (classification) or ``detections.csv`` (detection: one row per
+        box); returns every file written."""
         if self.kind == "classification":
             header = ["id", *(f"prob_{c}" for c in self.task.class_names), "predicted"]
             self.written.append(self.writer.write_table("predictions", header, self.rows))
+        if self.kind == "detection":
+            from medsec.tasks.detection import box_columns
+
+            boxes = box_columns(np.zeros(2 * self.task.hparams.spatial_dims))
+            self.written.append(self.writer.write_table("detections", ["id", "class", "score", *boxes], self.rows))
         return self.written
 
 

@@ -38,8 +38,10 @@ RECIPES: dict[str, list[str]] = {
                   "data.batch_size=16", "model.net.depth=3", "model.net.features=8"],
     "deepkeygen": ["experiment=deepkeygen_synthetic", *TINY_GAN],
     "encipher_gan": ["experiment=encipher_gan_synthetic", *TINY_GAN],
+    "detection": ["experiment=synthetic_detection", "data.source.num_samples=[16,8,8]", "data.source.image_size=32",
+                  "data.batch_size=8", "model.net.fpn_channels=16", "model.net.representation_size=32"],
 }
-ATTACK_KIND = {"classification": "multiclass", "segmentation": "segmentation"}
+ATTACK_KIND = {"classification": "multiclass", "segmentation": "segmentation", "detection": "detection"}
 PER_SAMPLE_LOSS = ("classification", "segmentation")
 """Tasks with a per-sample loss (DP-SGD, membership audits); the others must say they have none."""
 """What attacks see of each attackable task; every other task must refuse attacks."""
@@ -51,6 +53,8 @@ OUTPUTS = {
     "denoising": lambda names: bool(names) and all(n.startswith("denoising/") and n.endswith(".png") for n in names),
     "deepkeygen": lambda names: names == [],
     "encipher_gan": lambda names: names == [],
+    "detection": lambda names: names[:3] == ["detections.json", "detections.csv", "plots/froc.png"] and all(
+        n.startswith("overlays/") and n.endswith(".png") for n in names[3:]) and len(names) == 3 + 4,
 }
 
 

@@ -202,10 +202,13 @@ def make_class_folders(root: Path, per_class: int = 10) -> Path:
 def write_data_dir(root: Path) -> Path:
     """Tiny stand-ins for every real data set the configs name, laid out as in ``../shared/data``
     (``paths.data_dir=ROOT``): PneumoniaMNIST and BreastMNIST ``.npz`` files, an NIH ChestX-ray14
-    sample of 10 patients, and an MSD hippocampus task of 10 cases big enough for the recipes' crops."""
+    sample of 10 patients (8 of its images with an NIH box list, ``bbox_1024px.csv``), and an MSD hippocampus task of 10 cases big enough for the recipes' crops."""
     write_npz(root / "pneumoniamnist" / "pneumoniamnist.npz", counts=(8, 4, 4))
     write_npz(root / "breastmnist" / "breastmnist.npz", counts=(8, 4, 4))
     write_nih(root / "nih_cxr14_sample", nih_rows(patients=10))
+    boxes = [(name, "Nodule" if i % 2 else "Mass", 128 + 16 * i, 256, 384, 512)
+             for i, (name, *_) in enumerate(nih_rows(patients=10)[:8])]
+    write_csv(root / "nih_cxr14_sample" / "bbox_1024px.csv", ["image", "finding", "x", "y", "w", "h"], boxes)
     write_decathlon(root / "msd_hippocampus", cases=10, shape=(40, 56, 40))
     return root
 

@@ -99,7 +99,7 @@ def test_packed_batches_reject_bad_framing() -> None:
 
 
 def test_models_ckks_cannot_run_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"layer '1' \(BatchNorm2d\) cannot be evaluated under CKKS"):
+    with pytest.raises(ConfigError, match=r"layer '2' \(ReLU\) cannot be evaluated under CKKS"):
         compile_model(small_cnn(2, width=4).eval(), torch.rand(2, 1, 8, 8))
     relu_net = Classifier(nn.Sequential(nn.Conv2d(1, 2, 2, stride=2), nn.ReLU(), nn.Flatten()), 32, 2).eval()
     with pytest.raises(ConfigError, match=r"layer '1' \(ReLU\) cannot be evaluated under CKKS"):
