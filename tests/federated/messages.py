@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,3 +72,22 @@ def compare(decrypted: list[np.ndarray], plain: list[np.ndarray]) -> float:
         else:
             worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()))
     return worst
+
+
+EXAMPLES = (120, 75, 301)
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def encrypted_round(mod: Any, server: Any, arrays: Callable[[int], list[np.ndarray]]) -> dict:
+    """One round: the three sites' replies (site i trained ``arrays(i + 1)``) through ``mod``, added
+    by ``server``, and round 2's train message decrypted by ``mod``."""
+    initial, replies, seen = arrays(0), [], []
+    for index, (site, examples) in enumerate(zip(SITES, EXAMPLES)):
+        out = mod(instruction(MessageType.TRAIN, ndarrays_to_parameters(initial)), context(),
+                  client(arrays(index + 1), examples, seen))
+        replies.append((SimpleNamespace(cid=site), compat.recorddict_to_fitres(out.content, True)))
+    aggregated, _ = server.aggregate_fit(1, replies, [])
+    received: list = []
+    mod(instruction(MessageType.TRAIN, aggregated), context(), client(initial, 1, received))
+    return {"initial": initial, "first_seen": seen, "replies": replies, "server": server, "aggregated": aggregated,
+            "received": received[0], "mod": mod}

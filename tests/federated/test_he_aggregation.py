@@ -9,7 +9,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,10 +31,16 @@ from medsec.federated.he_aggregation import (
     public_context,
 )
 from medsec.he.wire import SecretKeyRefused
-from tests.federated.messages import client, compare, context, instruction, site_arrays
+from tests.federated.messages import (
+    EXAMPLES,
+    client,
+    compare,
+    context,
+    encrypted_round,
+    instruction,
+    site_arrays,
+)
 
-EXAMPLES = (120, 75, 301)
-SITES = ("hospital-a", "hospital-b", "hospital-c")
 EXPANSION = (8.0, 20.0)
 """Accepted ciphertext / float32 bytes of full 4096-value chunks (measured: 14.3)."""
 
@@ -52,20 +57,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def federated_round(keys: dict) -> dict:
     """One round: three sites' ckks_mod encrypt their replies, the server adds them, and round 2's
     train message is decrypted by site 0's mod."""
-    initial = site_arrays(0)
-    mod = ckks_mod(keys["site"])
-    replies, seen = [], []
-    for index, (site, examples) in enumerate(zip(SITES, EXAMPLES)):
-        out = mod(instruction(MessageType.TRAIN, ndarrays_to_parameters(initial)), context(),
-                  client(site_arrays(index + 1), examples, seen))
-        replies.append((SimpleNamespace(cid=site), compat.recorddict_to_fitres(out.content, True)))
-    server = CKKSAggregation(FedAvg(), keys["public"])
-    aggregated, _ = server.aggregate_fit(1, replies, [])
-    received: list = []
-    mod(instruction(MessageType.TRAIN, aggregated), context(), client(initial, 1, received))
+    round_ = encrypted_round(ckks_mod(keys["site"]), CKKSAggregation(FedAvg(), keys["public"]), site_arrays)
     plain = aggregate([(site_arrays(i + 1), n) for i, n in enumerate(EXAMPLES)])
-    return {"initial": initial, "first_seen": seen, "replies": replies, "server": server, "aggregated": aggregated,
-            "received": received[0], "plain": plain, "mod": mod}
+    return {**round_, "plain": plain}
 
 
 def test_encrypted_aggregate_equals_plain_fedavg(keys: dict, federated_round: dict) -> None:

@@ -40,10 +40,17 @@ from medsec.he.paillier import (
     private_key_bytes,
 )
 from tests.conftest import run_verb
-from tests.federated.messages import client, compare, context, instruction, site_arrays
+from tests.federated.messages import (
+    EXAMPLES,
+    SITES,
+    client,
+    compare,
+    context,
+    encrypted_round,
+    instruction,
+    site_arrays,
+)
 
-EXAMPLES = (120, 75, 301)
-SITES = ("hospital-a", "hospital-b", "hospital-c")
 WIDTH = 4
 """small_cnn(2, 1, 2, 4): 2,395 values, 200 ciphertexts of 12 slots under a 1024-bit key."""
 BOUND = 2.0 ** -(FRAC_BITS + 1) + 1e-12
@@ -66,21 +73,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def federated_round(keys: dict) -> dict:
     """One round: three sites' paillier_mod encrypt their replies, the server adds them, and round 2's
     train message is decrypted by site 0's mod."""
-    initial = _arrays(0)
-    mod = paillier_mod(keys["site"])
-    replies, seen = [], []
-    for index, (site, examples) in enumerate(zip(SITES, EXAMPLES)):
-        out = mod(instruction(MessageType.TRAIN, ndarrays_to_parameters(initial)), context(),
-                  client(_arrays(index + 1), examples, seen))
-        replies.append((SimpleNamespace(cid=site), compat.recorddict_to_fitres(out.content, True)))
-    server = PaillierAggregation(FedAvg(), keys["public"])
-    aggregated, _ = server.aggregate_fit(1, replies, [])
-    received: list = []
-    mod(instruction(MessageType.TRAIN, aggregated), context(), client(initial, 1, received))
+    round_ = encrypted_round(paillier_mod(keys["site"]), PaillierAggregation(FedAvg(), keys["public"]), _arrays)
+    initial = round_["initial"]
     weighted = [(_arrays(i + 1), n) for i, n in enumerate(EXAMPLES)]
     plain = [sum(n * a[k].astype(np.float64) for a, n in weighted) / sum(EXAMPLES) for k in range(len(initial))]
-    return {"initial": initial, "first_seen": seen, "replies": replies, "server": server, "aggregated": aggregated,
-            "received": received[0], "plain": plain, "mod": mod}
+    return {**round_, "plain": plain}
 
 
 def test_encrypted_aggregate_equals_plain_fedavg(keys: dict, federated_round: dict) -> None:
