@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from importlib.metadata import version
 
+import torch
 from packaging.version import Version
 
 from medsec.utils.config import REPO_ROOT
@@ -14,6 +15,19 @@ def test_requests_is_current_and_torchattacks_imports() -> None:
     import torchattacks
 
     assert hasattr(torchattacks, "PGD")
+
+
+def test_compressai_runs_beside_numpy_2() -> None:
+    """CompressAI (installed --no-deps: it pins numpy<2) imports, and its range coder round-trips."""
+    from compressai.entropy_models import EntropyBottleneck
+
+    assert Version(version("numpy")) >= Version("2")
+    bottleneck = EntropyBottleneck(4).eval()
+    bottleneck.update(force=True)
+    y = torch.randn(1, 4, 6, 6) * 3
+    strings = bottleneck.compress(y)
+    assert torch.equal(bottleneck.decompress(strings, y.shape[-2:]), bottleneck.quantize(y, "dequantize",
+                                                                                          bottleneck._get_medians()))
 
 
 def test_ci_runs_the_readme_commands() -> None:
