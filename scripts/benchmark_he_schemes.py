@@ -16,7 +16,7 @@ layouts:
   in an exact residue number system: two server processes on loopback; ``batch`` (all images in one
   request) and ``latency`` (one image per request).
 
-    python scripts/benchmark_he_schemes.py                       # about 25 minutes on 2 cores
+    python scripts/benchmark_he_schemes.py                       # about 5 minutes on 2 cores
     python scripts/benchmark_he_schemes.py --ckpt best.ckpt --deep-ckpt deep.ckpt --output /tmp/B.md
 """
 from __future__ import annotations
@@ -131,7 +131,8 @@ def render(rows: list[dict[str, Any]], extra: dict[str, Any], args: argparse.Nam
     bfv, deep = pick["bfv", "he_cnn", "throughput"]["report"], pick["ckks", "he_cnn_deep", "throughput"]
     deep_latency = pick["ckks", "he_cnn_deep", "latency"]
     paillier = pick["paillier", "he_cnn", "linear probe"]["report"]
-    lines = [f"{produced_by('benchmark_he_schemes.py', started)}. Machine: {machine_summary()}.", "",
+    lines = ["## Privacy-preserving inference schemes side by side (CKKS, BFV, Paillier, secret sharing)", "",
+             f"{produced_by('benchmark_he_schemes.py', started)}. Machine: {machine_summary()}.", "",
              ("Models: `experiment=pneumoniamnist_he_cnn` (he_cnn: conv 4x7x7 stride 3 -> square -> linear 256->32 -> "
               f"square -> linear 32->2; plaintext test acc {fmt(plain['acc'])}, AUROC {fmt(plain['auroc'])}) and "
               f"`experiment=pneumoniamnist_he_cnn_deep` (he_cnn_deep: {extra['deep_summary']}; plaintext test AUROC "
