@@ -145,6 +145,17 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert float(found.group(2)) < 1.1  # 16x16 EtC blocks keep the JPEG size
         images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
         assert len(images) >= 2, "expected the plain/encrypted/decrypted grid and the per-step figure"
+    if path.stem == "13_lesion_detection":
+        found = re.search(r"^DETECTION_NOTEBOOK map50=([0-9.]+) froc=([0-9.]+) perceptual_map50=([0-9.]+) "
+                          r"clean_attack_set=([0-9.]+) pgd8_map50=([0-9.]+)$", text, re.MULTILINE)
+        assert found, "the detection notebook did not print its final line"
+        plain, froc, scrambled, clean, attacked = map(float, found.groups())
+        assert plain > 0.6 and 0 < froc <= 1, f"the detector did not learn the synthetic lesions: {found.group(0)}"
+        assert clean == plain, "the attack's clean figure is not the test mAP of the same images"
+        assert attacked < clean - 0.1, f"PGD at 8/255 did not make lesions vanish: {found.group(0)}"
+        assert scrambled < plain - 0.3, f"block scrambling was expected to cost most of the mAP: {found.group(0)}"
+        images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+        assert len(images) == 3, f"expected the FROC curve and two overlays, got {len(images)}"
     if path.stem == "12_new_modality":
         found = re.search(r"^NEW_MODALITY dice_before=([0-9.]+) dice_after=([0-9.]+) labels=(\d+) seg=(\d+)$", text,
                           re.MULTILINE)
