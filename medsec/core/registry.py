@@ -20,6 +20,7 @@ _REGISTRY: dict[str, set[str]] = {
         "medsec.tasks.ClassificationTask",
         "medsec.tasks.segmentation.SegmentationTask",
         "medsec.tasks.denoising.DenoisingTask",
+        "medsec.tasks.compression.CompressionTask",
         "medsec.tasks.deepkeygen.DeepKeyGenTask",
         "medsec.tasks.encipher_gan.EncipherGANTask",
         "medsec.tasks.detection.DetectionTask",
@@ -27,7 +28,7 @@ _REGISTRY: dict[str, set[str]] = {
     "network": {
         "medsec.models.small_cnn", "medsec.models.resnet", "medsec.models.densenet121", "medsec.models.he_cnn",
         "medsec.models.he_cnn_deep",
-        "medsec.models.compression.CompressiveAutoencoder",
+        "medsec.models.codec.HyperpriorCodec",
         "medsec.models.denoisers.DenoisingAutoencoder", "medsec.models.denoisers.DnCNN",
         "medsec.models.deepkeygen.KeyGenerator", "medsec.models.deepkeygen.PatchCritic",
         "medsec.models.encipher_gan.KeyedUNet", "medsec.models.encipher_gan.PatchCritic",

@@ -144,3 +144,17 @@ def classification_transforms(
     if labelled:
         steps.append(EnsureTyped("label", dtype=torch.float32 if multilabel else torch.int64, track_meta=False))
     return Compose(steps)
+
+
+def random_patches(images: torch.Tensor, size: int | None, per_image: int = 1) -> torch.Tensor:
+    """``per_image`` random ``size`` patches of every image of the batch (B, C, *spatial); the images
+    themselves when ``size`` is ``None`` or not smaller than them."""
+    spatial = images.shape[2:]
+    if not size or all(size >= extent for extent in spatial):
+        return images
+    cuts = []
+    for image in images:
+        for _ in range(per_image):
+            starts = [int(torch.randint(max(extent - size, 0) + 1, ())) for extent in spatial]
+            cuts.append(image[(slice(None), *(slice(s, s + size) for s in starts))])
+    return torch.stack(cuts)

@@ -15,6 +15,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from medsec.core.registry import check_targets
 from medsec.data.noise import RandNoise, build_noise, level_slug, noise_class
+from medsec.data.transforms import random_patches
 from medsec.errors import ConfigError
 from medsec.tasks.base import BaseTask
 from medsec.utils.outputs import OutputWriter
@@ -164,16 +165,7 @@ class DenoisingTask(BaseTask):
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """``patches_per_image`` random ``crop_size`` patches of every image (the images without ``crop_size``)."""
-        size = self.hparams.crop_size
-        spatial = images.shape[2:]
-        if not size or all(size >= extent for extent in spatial):
-            return images
-        cuts = []
-        for image in images:
-            for _ in range(self.hparams.patches_per_image):
-                starts = [int(torch.randint(max(extent - size, 0) + 1, ())) for extent in spatial]
-                cuts.append(image[(slice(None), *(slice(s, s + size) for s in starts))])
-        return torch.stack(cuts)
+        return random_patches(images, self.hparams.crop_size, self.hparams.patches_per_image)
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
         """The network's output clamped to [0, 1] (what metrics and pictures see)."""

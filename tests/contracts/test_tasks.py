@@ -36,6 +36,8 @@ RECIPES: dict[str, list[str]] = {
                      "data.batch_size=8", "model.net.channels=[8,16]", "model.net.strides=[2]", "task.roi_size=16"],
     "denoising": ["task=denoising", "model=dncnn", "data.source.num_samples=[32,16,16]", "data.source.image_size=16",
                   "data.batch_size=16", "model.net.depth=3", "model.net.features=8"],
+    "compression": ["experiment=secure_compression_synthetic", "data.source.num_samples=[16,8,8]",
+                    "data.batch_size=8", "model.net.N=8", "model.net.M=12"],
     "deepkeygen": ["experiment=deepkeygen_synthetic", *TINY_GAN],
     "encipher_gan": ["experiment=encipher_gan_synthetic", *TINY_GAN],
     "detection": ["experiment=synthetic_detection", "data.source.num_samples=[16,8,8]", "data.source.image_size=32",
@@ -51,6 +53,7 @@ OUTPUTS = {
         n.startswith("predictions/") and n.endswith(".nii.gz") or n.startswith("overlays/") and n.endswith(".png")
         for n in names) and sum(n.startswith("predictions/") for n in names) == 8,
     "denoising": lambda names: bool(names) and all(n.startswith("denoising/") and n.endswith(".png") for n in names),
+    "compression": lambda names: names == [],
     "deepkeygen": lambda names: names == [],
     "encipher_gan": lambda names: names == [],
     "detection": lambda names: names[:3] == ["detections.json", "detections.csv", "plots/froc.png"] and all(

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medsec.errors import ConfigError, DataError, MedsecError, SecurityError
-from medsec.models.compression import CompressiveAutoencoder
 from medsec.protections import keys
 from medsec.protections.keys import (
     KeyRef,
@@ -185,20 +184,18 @@ def test_empty_passphrase_is_refused() -> None:
 
 
 # ---- transmission packets ------------------------------------------------------------------------
-def make_model() -> CompressiveAutoencoder:
+def make_model() -> torch.nn.Module:
+    from medsec.models.codec import HyperpriorCodec  # imports CompressAI: seconds
+
     torch.manual_seed(0)
-    model = CompressiveAutoencoder(channels=(4, 8), latent_channels=2, levels=5).eval()
-    with torch.no_grad():
-        model.to_latent.conv.weight.mul_(30)
-    model.fit_prior(torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
-    return model
+    return HyperpriorCodec(N=4, M=6).eval()
 
 
 IMAGE = torch.rand(1, 12, 16, generator=torch.Generator().manual_seed(2))
 
 
 @pytest.fixture(scope="module")
-def model() -> CompressiveAutoencoder:
+def model() -> torch.nn.Module:
     return make_model()
 
 
@@ -237,7 +234,7 @@ def with_header(packet: bytes, change) -> bytes:
     return MAGIC + struct.pack(">I", len(text)) + text + envelope
 
 
-def test_key_cache_is_bounded(model: CompressiveAutoencoder, fast_scrypt: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_cache_is_bounded(model: torch.nn.Module, fast_scrypt: list, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEC_CAE_PASS", PASSPHRASE)
     ref = {"source": "passphrase", "passphrase_env": "SEC_CAE_PASS"}
     sender, receiver = SecureChannel(model, ref), SecureChannel(model, ref)
@@ -258,7 +255,7 @@ def test_key_cache_is_bounded(model: CompressiveAutoencoder, fast_scrypt: list, 
     assert len(fast_scrypt) == derived + 1 and len(receiver._keys) == 8
 
 
-def test_cache_entries_are_per_parameter_set_not_per_salt(model: CompressiveAutoencoder, fast_scrypt: list,
+def test_cache_entries_are_per_parameter_set_not_per_salt(model: torch.nn.Module, fast_scrypt: list,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEC_CAE_PASS", PASSPHRASE)
     ref = {"source": "passphrase", "passphrase_env": "SEC_CAE_PASS"}
@@ -280,7 +277,7 @@ def test_cache_entries_are_per_parameter_set_not_per_salt(model: CompressiveAuto
     (lambda h: h.update(kdf=[1, 2]), "not a JSON object"),
     (lambda h: h.update(kdf="scrypt"), "not a JSON object"),
 ])
-def test_packet_with_unsafe_scrypt_parameters_is_refused_fast(model: CompressiveAutoencoder, change, field: str,
+def test_packet_with_unsafe_scrypt_parameters_is_refused_fast(model: torch.nn.Module, change, field: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEC_CAE_PASS", PASSPHRASE)
     ref = {"source": "passphrase", "passphrase_env": "SEC_CAE_PASS"}
@@ -296,7 +293,7 @@ def test_packet_with_unsafe_scrypt_parameters_is_refused_fast(model: Compressive
 
 @pytest.mark.parametrize("field, value", [
     ("bits", "256"), ("bits", 192), ("bits", None), ("format", True), ("format", 2), ("image_shape", [1, -36, 44]),
-    ("image_shape", "1x36x44"), ("image_shape", [1, 36]), ("latent_shape", [4, 9.0, 11]), ("levels", 10**400),
+    ("image_shape", "1x36x44"), ("image_shape", [1, 36]), ("image_shape", [1, 9.0, 11]), ("z_bytes", 10**400),
     ("model", 7), ("key_id", "KEY"), ("key_id", None), ("envelope_bytes", "x"), ("envelope_bytes", -1),
 ])
 def test_header_fields_are_checked_before_any_key_is_derived(channels: list, field: str, value: Any) -> None:
@@ -310,12 +307,11 @@ def test_header_fields_are_checked_before_any_key_is_derived(channels: list, fie
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
                     max_leaves=10)
-FIELDS = ("format", "image_shape", "latent_shape", "levels", "model", "coder", "key_id", "bits", "kdf",
-          "envelope_bytes")
+FIELDS = ("format", "image_shape", "model", "coder", "key_id", "bits", "kdf", "z_bytes", "envelope_bytes")
 
 
 @pytest.fixture
-def channels(model: CompressiveAutoencoder, tmp_path: Path, fast_scrypt: list,
+def channels(model: torch.nn.Module, tmp_path: Path, fast_scrypt: list,
              monkeypatch: pytest.MonkeyPatch) -> list[tuple[SecureChannel, bytes]]:
     """A key-file channel and a passphrase channel (cheap scrypt), each with one good packet."""
     monkeypatch.setenv("SEC_CAE_PASS", PASSPHRASE)
