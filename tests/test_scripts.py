@@ -81,3 +81,21 @@ def test_detection_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert rows[namespace["AES_ROW"]] == rows["plain"]
     assert sum(line.startswith(("| pgd |", "| fgsm |")) for line in lines) == 6
     assert any(line.startswith("| **mean (mAP@0.5)** |") for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_compression_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmark_compression.py --quick``: two tiny learned codecs and JPEG 2000, each through the
+    secure packet, against the standard codecs; the sealed JPEG 2000 curve beats JPEG (BD-rate < 0)."""
+    from tests.data.fakes import shared_data
+
+    monkeypatch.setenv("MEDSEC_DATA_DIR", str(shared_data("nih_cxr14_sample").parent))
+    namespace = runpy.run_path(str(REPO_ROOT / "scripts" / "benchmark_compression.py"), run_name="medsec_script_check")
+    output = tmp_path / "B.md"
+    assert namespace["main"](["--quick", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert (tmp_path / "benchmarks" / "secure_compression_rd.png").stat().st_size > 10_000
+    sealed = next(line for line in text.splitlines() if line.startswith(f"| {namespace['SEALED_J2K']} | JPEG |"))
+    assert float(sealed.split(" | ")[2].removesuffix(" %")) < 0
+    assert "the secure channel with JPEG 2000 inside" in text and "met (-" in text

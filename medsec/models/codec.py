@@ -56,6 +56,7 @@ class HyperpriorCodec(MeanScaleHyperprior):
             raise ValueError(f"N and M must be positive, got N={N}, M={M}")
         super().__init__(N=N, M=M)
         self.in_channels = in_channels
+        self.coder = "compressai/mean-scale-hyperprior"
         self.g_a[0] = conv(in_channels, N)
         self.g_s[-1] = deconv(N, in_channels)
         for module in self.entropy_models():
@@ -115,3 +116,4 @@ class HyperpriorCodec(MeanScaleHyperprior):
         """The image (C, H, W) in [0, 1] that :meth:`compress_image` coded, for spatial ``size``."""
         out = self.decompress([[y_string], [z_string]], self.latent_shape(size))
         return out["x_hat"][0, :, :size[0], :size[1]]
+

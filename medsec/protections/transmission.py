@@ -9,7 +9,8 @@ Packet format ``MEDSEC-LIC/1`` (learned image codec; all lengths big-endian)::
     length     4 bytes  length of the header
     header     JSON (UTF-8, sorted keys), public:
                  format 1; image_shape [C, H, W]; model (digest of the codec's weights and coder
-                 tables); coder "compressai/mean-scale-hyperprior"; key_id; bits (AES key size);
+                 tables); coder (one of CODERS: the learned codec, or JPEG 2000 / WebP through
+                 Pillow, whose file is the payload); key_id; bits (AES key size);
                  kdf (scrypt parameters for a passphrase key, else null); z_bytes (length of the
                  hyper-latent's bit string); envelope_bytes
     envelope  nonce (12) || AES-GCM ciphertext of (z bit string || y bit string) || tag (16)
@@ -31,6 +32,7 @@ derivation at N <= 2^20); it keeps at most :data:`KEY_CACHE_SIZE` passphrase key
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -49,7 +51,8 @@ from medsec.protections.keys import KeyRef, SecretKey, check_kdf_params, new_kdf
 
 MAGIC = b"MEDSEC-LIC/1\n"
 FORMAT_VERSION = 1
-CODER = "compressai/mean-scale-hyperprior"
+CODERS = ("compressai/mean-scale-hyperprior", "pillow/jpeg2000", "pillow/webp")
+"""The codecs a packet may carry: the learned codec's bit strings, or a standard codec's file."""
 PURPOSE = "transmission/codec"
 HEADER_FIELDS = ("format", "image_shape", "model", "coder", "key_id", "bits", "kdf", "z_bytes", "envelope_bytes")
 SOURCE_BITS = 8
@@ -92,11 +95,11 @@ def _is_image_shape(value: Any) -> bool:
 def _check_header_fields(header: dict[str, Any], what: str) -> None:
     """Types and ranges of the header fields (the header is authenticated only once the key it
     names has been derived and the envelope opened, so nothing in it is trusted before)."""
-    if type(header["format"]) is not int or header["format"] != FORMAT_VERSION or header["coder"] != CODER:
+    if type(header["format"]) is not int or header["format"] != FORMAT_VERSION or header["coder"] not in CODERS:
         shown = [value if isinstance(value, (int, str)) and len(str(value)) <= 40 else type(value).__name__
                  for value in (header["format"], header["coder"])]
         raise DataError(f"{what}: header field 'format'/'coder' is {shown[0]}/{shown[1]}; "
-                        f"this reader knows {FORMAT_VERSION}/{CODER}")
+                        f"this reader knows {FORMAT_VERSION}/{'|'.join(CODERS)}")
     problems = {
         "image_shape": (_is_image_shape(header["image_shape"]),
                         f"a list [C, H, W] with C 1 or 3, H and W from 1 to {MAX_EXTENT}, H x W at most {MAX_PIXELS}"),
@@ -159,8 +162,10 @@ class SecureChannel:
     is used; the channel rebuilds its coder tables) and a reference to the same key.
 
     Args:
-        model: a trained ``medsec.models.codec.HyperpriorCodec`` (or any codec with ``update``,
-            ``in_channels``, ``compress_image`` and ``decompress_image``).
+        model: a trained ``medsec.models.codec.HyperpriorCodec``, a
+            ``medsec.models.standard_codec.StandardCodec`` (JPEG 2000 or WebP), or any codec with
+            ``coder`` (one of :data:`CODERS`), ``update``, ``in_channels``, ``compress_image`` and
+            ``decompress_image``.
         key: where the key comes from (a :class:`KeyRef` or its config mapping); never the key.
         bits: AES key size (256 or 128).
     """
@@ -193,7 +198,7 @@ class SecureChannel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(itertools.chain(self.model.parameters(), self.model.buffers())).device
 
     def send(self, image: torch.Tensor, image_id: str) -> bytes:
         """One packet for ``image`` (C, H, W), values in [0, 1]."""
@@ -203,7 +208,7 @@ class SecureChannel:
         y_string, z_string = self.model.compress_image(image.to(self.device))
         payload = z_string + y_string
         key = self._key(self.kdf)
-        header = {"format": FORMAT_VERSION, "image_shape": list(image.shape), "model": self.digest, "coder": CODER,
+        header = {"format": FORMAT_VERSION, "image_shape": list(image.shape), "model": self.digest, "coder": self.model.coder,
                   "key_id": key.key_id, "bits": self.bits, "kdf": self.kdf, "z_bytes": len(z_string),
                   "envelope_bytes": OVERHEAD_BYTES + len(payload)}
         text = json.dumps(header, sort_keys=True).encode()
@@ -226,9 +231,15 @@ class SecureChannel:
     def receive(self, packet: bytes, image_id: str) -> torch.Tensor:
         """The image (C, H, W) decoded from a packet made by :meth:`send` for ``image_id``."""
         header, y_string, z_string = self.receive_strings(packet, image_id)
-        return self.model.decompress_image(y_string, z_string, header["image_shape"][1:]).cpu()
+        try:
+            return self.model.decompress_image(y_string, z_string, header["image_shape"][1:]).cpu()
+        except ValueError as err:
+            raise DataError(f"packet for image '{image_id}': {err}") from None
 
     def _check_model(self, header: Mapping[str, Any], what: str) -> None:
+        if header["coder"] != self.model.coder:
+            raise DataError(f"{what}: header field 'coder' is {header['coder']}, this receiver decodes "
+                            f"{self.model.coder}: wrong codec")
         channels = header["image_shape"][0]
         if channels != self.model.in_channels:
             raise DataError(f"{what}: header field 'image_shape' has {channels} channels, this codec codes "

@@ -176,3 +176,49 @@ def test_transmit_counts_the_whole_packet(channel: SecureChannel) -> None:
     mse = float(((torch.round(result.received * 255) / 255 - clean) ** 2).mean())
     assert result.psnr == pytest.approx(-10 * math.log10(mse), rel=1e-4)
     assert -1 <= result.ssim <= 1 and result.ms_ssim is None  # 32x32 is too small for five scales
+
+
+# ---- a standard codec in the packet --------------------------------------------------------------
+@pytest.mark.parametrize("name, setting", [("JPEG 2000", 0.5), ("WebP", 60)])
+def test_a_standard_codec_file_is_sealed_and_decoded_as_pillow_does(name: str, setting: float, key_ref: KeyRef) -> None:
+    from medsec.analysis.image_codecs import from_bytes
+    from medsec.models.standard_codec import StandardCodec
+
+    standard = StandardCodec(name, setting)
+    channel = SecureChannel(standard, key_ref)
+    image = images(1, (48, 64))[0]
+    packet = channel.send(image, "scan-7")
+    header, file, _ = channel.receive_strings(packet, "scan-7")
+    assert header["coder"] == standard.coder and file == standard.compress_image(image)[0]
+    received = channel.receive(packet, "scan-7")
+    assert torch.equal(received, from_bytes(file, 1)) and received.shape == (1, 48, 64)
+    with pytest.raises(SecurityError):
+        channel.receive(packet, "scan-8")  # bound to its image id, like the learned codec's
+
+
+def test_a_receiver_of_another_codec_or_setting_refuses_the_packet(channel: SecureChannel, key_ref: KeyRef) -> None:
+    from medsec.models.standard_codec import StandardCodec
+
+    packet = SecureChannel(StandardCodec("JPEG 2000", 0.5), key_ref).send(images(1)[0], "a")
+    with pytest.raises(DataError, match="header field 'coder' is pillow/jpeg2000.*wrong codec"):
+        channel.receive(packet, "a")
+    with pytest.raises(DataError, match="header field 'model'"):
+        SecureChannel(StandardCodec("JPEG 2000", 0.3), key_ref).receive(packet, "a")
+
+
+def test_a_standard_file_of_another_size_is_refused_before_decoding(key_ref: KeyRef) -> None:
+    """An authenticated packet (the key holder made it) whose file is larger than the header says: the
+    decoder reads the file's header and stops."""
+    from medsec.models.standard_codec import StandardCodec
+
+    standard = StandardCodec("WebP", 50)
+    channel = SecureChannel(standard, key_ref)
+    honest = channel.send(images(1, (16, 16))[0], "x")
+    big_file = standard.compress_image(images(1, (64, 64))[0])[0]
+    standard.compress_image = lambda image: (big_file, b"")  # the sender lies about the size
+    forged = channel.send(images(1, (16, 16))[0], "x")
+    assert channel.receive(honest, "x").shape == (1, 16, 16)
+    with pytest.raises(DataError, match=r"packet for image 'x': the WebP file is 64x64, the packet announced 16x16"):
+        channel.receive(forged, "x")
+    with pytest.raises(ValueError, match="format must be one of"):
+        StandardCodec("GIF", 1)
