@@ -61,7 +61,7 @@ RATE_RANGE = (0.1, 0.6)
 """The rates (bpp) the goal is about: the anchor's points within it define the BD-rate's range."""
 CPU_BUDGET_MINUTES = 30.0
 QUICK_TRAIN = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "test=false"]
-OURS = "ours (secure packet)"
+OURS = "learned codec in the secure packet"
 SEALED_J2K = "JPEG 2000 in the secure packet"
 SEALED_J2K_SETTINGS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
 """Target rates (bpp) of the standard codec sealed in the packet (``StandardCodec``): the fallback
