@@ -50,6 +50,16 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.fixture
+def one_torch_thread() -> object:
+    """Torch on one thread for the test: with tiny models, on a busy machine, the thread pool costs
+    many times the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run trained long enough to classify well above chance (test accuracy about 0.8):

@@ -21,13 +21,7 @@ from tests.conftest import read_metrics, run_verb
 
 codec = pytest.importorskip("medsec.models.codec", reason="CompressAI is not installed")
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: no thread pool
 
 
 def tiny(seed: int = 0, **kwargs: int) -> codec.HyperpriorCodec:

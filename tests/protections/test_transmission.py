@@ -19,6 +19,8 @@ from medsec.protections.transmission import MAGIC, SecureChannel, read_header, t
 
 codec = pytest.importorskip("medsec.models.codec", reason="CompressAI is not installed")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: no thread pool
+
 
 def make_model(seed: int = 0, in_channels: int = 1) -> Any:
     torch.manual_seed(seed)
@@ -27,14 +29,6 @@ def make_model(seed: int = 0, in_channels: int = 1) -> Any:
 
 def images(n: int, size: tuple[int, int] = (36, 44), seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, *size, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

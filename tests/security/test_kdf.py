@@ -30,6 +30,8 @@ from medsec.protections.keys import (
 )
 from medsec.protections.transmission import MAGIC, SecureChannel, read_header
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: no thread pool
+
 MATERIAL = bytes(range(1, 33))
 PASSPHRASE = "correct horse battery staple"
 
@@ -197,15 +199,6 @@ IMAGE = torch.rand(1, 12, 16, generator=torch.Generator().manual_seed(2))
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return make_model()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Any:
-    """The model is tiny: on a busy machine, torch's thread pool costs 50 times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
