@@ -150,7 +150,7 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
                           r"clean_attack_set=([0-9.]+) pgd8_map50=([0-9.]+)$", text, re.MULTILINE)
         assert found, "the detection notebook did not print its final line"
         plain, froc, scrambled, clean, attacked = map(float, found.groups())
-        assert plain > 0.6 and 0 < froc <= 1, f"the detector did not learn the synthetic lesions: {found.group(0)}"
+        assert plain > 0.5 and 0 < froc <= 1, f"the detector did not learn the synthetic lesions: {found.group(0)}"
         assert clean == plain, "the attack's clean figure is not the test mAP of the same images"
         assert attacked < clean - 0.1, f"PGD at 8/255 did not make lesions vanish: {found.group(0)}"
         assert scrambled < plain - 0.3, f"block scrambling was expected to cost most of the mAP: {found.group(0)}"
